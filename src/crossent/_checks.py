@@ -10,6 +10,9 @@ from __future__ import annotations
 import warnings
 from typing import Literal
 
+import torch
+import torch._subclasses
+
 Reduction = Literal["none", "mean", "sum"]
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -72,3 +75,361 @@ def check_ignore_index(ignore_index: object, fn: str = "cross_entropy") -> int:
             f"{fn}(): argument 'ignore_index' must be int, not {type(ignore_index).__name__}"
         )
     return ignore_index
+
+
+# --------------------------------------------------------------------------------------------
+# Small formatting helpers for messages.
+
+_DTYPE_NAMES = {
+    torch.float64: "Double",
+    torch.float32: "Float",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+
+
+def scalar_type_name(dtype: torch.dtype) -> str:
+    """torch's C++ name of a dtype (``Float``, ``Long`` ...), as its messages print it."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _shape(t: torch.Tensor | torch.Size | tuple[int, ...]) -> str:
+    size = t.shape if isinstance(t, torch.Tensor) else t
+    return str(tuple(size))
+
+
+def _first_offending_index(bad: torch.Tensor) -> tuple[int, ...]:
+    """Index of the first True element of a boolean tensor (host tensors only)."""
+    flat = int(torch.nonzero(bad.reshape(-1))[0, 0])
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), bad.shape))
+
+
+def _can_inspect_values(t: torch.Tensor) -> bool:
+    """Whether a value check may read ``t`` on the host without a device synchronisation.
+
+    Only real CPU tensors outside of tracing qualify: on CUDA a check would stall the stream
+    (and break CUDA graphs), under ``torch.compile`` it would break the graph.
+    """
+    if t.device.type != "cpu" or t.is_meta:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return not isinstance(t, torch._subclasses.FakeTensor)
+
+
+def _assert_on_device(ok: torch.Tensor, message: str) -> None:
+    """Asynchronous check for tensors we cannot read on the host (CUDA, tracing)."""
+    if ok.is_meta or isinstance(ok, torch._subclasses.FakeTensor):
+        return
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        return
+    torch._assert_async(ok, message)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared tensor checks.
+
+
+def check_floating(input: torch.Tensor, kernel: str) -> None:
+    """torch raises NotImplementedError for integer inputs, naming its kernel and the dtype."""
+    if not input.is_floating_point():
+        raise NotImplementedError(
+            f'"{kernel}" not implemented for \'{scalar_type_name(input.dtype)}\': the input must '
+            f"be a floating point tensor (float16, bfloat16, float32 or float64), got "
+            f"{_short(input.dtype)}"
+        )
+
+
+def check_not_differentiable(fn: str, name: str, t: torch.Tensor | None) -> None:
+    """torch refuses a weight that requires grad where its loss has no gradient for it."""
+    if t is not None and t.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"The function '{fn}' is not differentiable with respect to argument '{name}'. "
+            "This input cannot have requires_grad True."
+        )
+
+
+def _broadcast_or_raise(
+    input_shape: torch.Size, other: torch.Tensor, name: str, first: str
+) -> None:
+    """``other`` must broadcast to exactly ``input_shape`` (right-aligned, no enlarging)."""
+    in_dims, w_dims = list(input_shape), list(other.shape)
+    for k in range(1, min(len(in_dims), len(w_dims)) + 1):
+        a, b = in_dims[-k], w_dims[-k]
+        if a != b and b != 1 and a != 1:
+            raise RuntimeError(
+                f"{first}: {name} of shape {_shape(other)} does not broadcast with the input of "
+                f"shape {_shape(input_shape)}: its size {b} at dimension {-k} must be 1 or "
+                f"{a}. ({name} broadcasts right-aligned, along the last dimensions; for a "
+                f"per-channel {name} on (N, C, H, W) input use shape (C, 1, 1).)"
+            )
+    full = torch.broadcast_shapes(input_shape, other.shape)
+    if full != input_shape:
+        raise RuntimeError(
+            f"output with shape {list(input_shape)} doesn't match the broadcast shape "
+            f"{list(full)}: {name} of shape {_shape(other)} would enlarge the input of shape "
+            f"{_shape(input_shape)}; it must broadcast to the input's shape"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# binary_cross_entropy
+
+
+def check_binary_cross_entropy(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
+) -> None:
+    if target.shape != input.shape:
+        raise ValueError(
+            f"Using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}) is deprecated. Please ensure they have the same size."
+        )
+    if weight is not None:
+        in_dims, w_dims = list(target.shape), list(weight.shape)
+        for k in range(1, min(len(in_dims), len(w_dims)) + 1):
+            a, b = in_dims[-k], w_dims[-k]
+            if a != b and b != 1 and a != 1:
+                raise RuntimeError(
+                    f"Attempting to broadcast a dimension of length {b} at {-k}! Mismatching "
+                    f"argument at index 1 had {weight.size()}; but expected shape should be "
+                    f"broadcastable to {list(target.shape)}: the weight must broadcast to the "
+                    f"target's shape {_shape(target)} (right-aligned), got shape {_shape(weight)}"
+                )
+        full = torch.broadcast_shapes(target.shape, weight.shape)
+        if full != target.shape:
+            raise RuntimeError(
+                f"output with shape {list(input.shape)} doesn't match the broadcast shape "
+                f"{list(full)}: the weight of shape {_shape(weight)} would enlarge the input of "
+                f"shape {_shape(input)}"
+            )
+    check_floating(input, "binary_cross_entropy")
+    if target.dtype != input.dtype:
+        raise RuntimeError(
+            f"Found dtype {scalar_type_name(target.dtype)} but expected "
+            f"{scalar_type_name(input.dtype)}: the target must have the input's dtype "
+            f"({_short(input.dtype)}), got {_short(target.dtype)}"
+        )
+    check_not_differentiable("binary_cross_entropy", "weight", weight)
+    for name, t in (("input", input), ("target", target)):
+        ok_elems = (t >= 0) & (t <= 1)
+        message = f"all elements of {name} should be between 0 and 1"
+        if _can_inspect_values(t):
+            if t.numel() and not bool(ok_elems.all()):
+                idx = _first_offending_index(~ok_elems)
+                value = t[idx].item()
+                where = f" at index {idx}" if idx else ""
+                raise RuntimeError(
+                    f"{message}: binary_cross_entropy takes probabilities in [0, 1], but the "
+                    f"{name} holds {value}{where}"
+                    + (
+                        " (use binary_cross_entropy_with_logits for unnormalised scores)"
+                        if name == "input"
+                        else ""
+                    )
+                )
+        else:
+            _assert_on_device(ok_elems.all(), message)
+
+
+# --------------------------------------------------------------------------------------------
+# binary_cross_entropy_with_logits
+
+
+def check_binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+) -> None:
+    if target.shape != input.shape:
+        raise ValueError(
+            f"Target size ({target.size()}) must be the same as input size ({input.size()})"
+        )
+    check_floating(input, "log_sigmoid_cpu")
+    for name, t in (("pos_weight", pos_weight), ("weight", weight)):
+        if t is not None:
+            _broadcast_or_raise(
+                input.shape,
+                t,
+                name,
+                f"The size of tensor a ({_mismatch(input.shape, t.shape)[0]}) must match the "
+                f"size of tensor b ({_mismatch(input.shape, t.shape)[1]}) at non-singleton "
+                f"dimension {_mismatch(input.shape, t.shape)[2]}",
+            )
+    if target.dtype == torch.bool:
+        raise RuntimeError(
+            "Subtraction, the `-` operator, with two bool tensors is not supported. Use the `^` "
+            "or `logical_xor()` operator instead. (binary_cross_entropy_with_logits needs a "
+            "floating point target, got bool)"
+        )
+    if not target.is_floating_point():
+        raise RuntimeError(
+            f"result type {scalar_type_name(torch.result_type(input, target))} can't be cast to "
+            f"the desired output type {scalar_type_name(target.dtype)}: "
+            f"binary_cross_entropy_with_logits needs a floating point target (probabilities), "
+            f"got {_short(target.dtype)}"
+        )
+    check_not_differentiable("binary_cross_entropy_with_logits", "weight", weight)
+    check_not_differentiable("binary_cross_entropy_with_logits", "pos_weight", pos_weight)
+
+
+def _mismatch(a: torch.Size, b: torch.Size) -> tuple[int, int, int]:
+    """First right-aligned dimension where ``a`` and ``b`` cannot broadcast: (a_k, b_k, dim)."""
+    for k in range(1, min(len(a), len(b)) + 1):
+        if a[-k] != b[-k] and a[-k] != 1 and b[-k] != 1:
+            return a[-k], b[-k], max(len(a), len(b)) - k
+    return 0, 0, 0
+
+
+# --------------------------------------------------------------------------------------------
+# nll_loss and cross_entropy (class-index targets)
+
+
+def check_class_weight(
+    weight: torch.Tensor | None, n_classes: int, input_dtype: torch.dtype, prefix: str = ""
+) -> None:
+    if weight is None:
+        return
+    if weight.dim() != 1 or weight.numel() != n_classes:
+        raise RuntimeError(
+            f"{prefix}weight tensor should be defined either for all {n_classes} classes or no "
+            f"classes but got weight tensor of shape: {list(weight.shape)} (expected a 1-D class "
+            f"weight of shape ({n_classes},))"
+        )
+    if not prefix and weight.dtype != input_dtype:
+        raise RuntimeError(
+            f"expected scalar type {scalar_type_name(input_dtype)} but found "
+            f"{scalar_type_name(weight.dtype)}: the class weight must have the input's dtype "
+            f"({_short(input_dtype)}), got {_short(weight.dtype)}"
+        )
+
+
+def check_index_target_dtype(target: torch.Tensor) -> None:
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(
+            f"expected target dtype to be Long or Byte, but got "
+            f"{scalar_type_name(target.dtype)}: class-index targets must be int64 or uint8"
+            + (
+                " (a floating target is read as class probabilities only when it has the "
+                "input's shape)"
+                if target.is_floating_point()
+                else ""
+            )
+        )
+
+
+def check_nll_shapes(input: torch.Tensor, target: torch.Tensor) -> None:
+    """Shape rules of ``nll_loss_nd`` (also used by cross entropy with index targets)."""
+    if input.dim() < 1:
+        raise ValueError(f"Expected 1 or more dimensions (got {input.dim()})")
+    if input.dim() != 1:
+        target_batch = target.shape[0] if target.dim() > 0 else 0
+        if input.shape[0] != target_batch:
+            raise ValueError(
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                f"({target_batch}). (input shape {_shape(input)}, target shape {_shape(target)})"
+            )
+    if input.dim() == 1:
+        if target.dim() == 1 and target.shape[0] != 1:
+            raise ValueError(
+                f"For 1D input, 1D target must have size 1, but got target size: "
+                f"{target.shape[0]}"
+            )
+        if target.dim() > 1:
+            raise RuntimeError(
+                "0D or 1D target tensor expected, multi-target not supported "
+                f"(input shape {_shape(input)}, target shape {_shape(target)})"
+            )
+    elif input.dim() == 2:
+        if target.dim() != 1:
+            raise RuntimeError(
+                "0D or 1D target tensor expected, multi-target not supported "
+                f"(input shape {_shape(input)}: expected a target of shape ({input.shape[0]},), "
+                f"got {_shape(target)})"
+            )
+    elif input.dim() == 4:
+        if target.dim() != 3:
+            raise RuntimeError(
+                "only batches of spatial targets supported (3D tensors) but got targets of "
+                f"dimension: {target.dim()} (input shape {_shape(input)}, expected target shape "
+                f"{_shape((input.shape[0], *input.shape[2:]))})"
+            )
+        if target.shape[1:] != input.shape[2:]:
+            raise RuntimeError(
+                f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}: "
+                f"expected target shape {_shape((input.shape[0], *input.shape[2:]))})"
+            )
+    else:
+        expected = [input.shape[0], *input.shape[2:]]
+        if list(target.shape) != expected:
+            raise RuntimeError(
+                f"Expected target size {expected}, got {list(target.shape)} "
+                f"(input shape {_shape(input)})"
+            )
+
+
+def check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """Every non-ignored class index must lie in [0, n_classes)."""
+    t = target.long() if target.dtype != torch.int64 else target
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
+    if _can_inspect_values(t):
+        if t.numel() and bool(bad.any()):
+            idx = _first_offending_index(bad)
+            value = int(t[idx]) if t.dim() else int(t)
+            noun = "class" if n_classes == 1 else "classes"
+            where = f" at position {idx}" if idx else ""
+            raise IndexError(
+                f"Target {value} is out of bounds: the input has {n_classes} {noun}, so class "
+                f"indices must lie in [0, {n_classes}), but the target holds {value}{where}"
+                + (f" (ignore_index is {ignore_index})" if ignore_index != -100 else "")
+            )
+    else:
+        _assert_on_device(~bad.any(), f"Target is out of bounds: class indices must lie in "
+                          f"[0, {n_classes})")
+
+
+def check_label_smoothing(label_smoothing: float) -> float:
+    """torch checks only ``ε <= 1`` (inside ``ε > 0``); negative values mean no smoothing."""
+    if label_smoothing > 1.0:
+        raise RuntimeError(
+            f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}"
+        )
+    return float(label_smoothing) if label_smoothing > 0.0 else 0.0
+
+
+def check_cross_entropy_prob(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int
+) -> None:
+    """Probability targets (``input.shape == target.shape``)."""
+    if not target.is_floating_point():
+        raise RuntimeError(
+            f"Expected floating point type for target with class probabilities, got "
+            f"{scalar_type_name(target.dtype)} (the target has the input's shape "
+            f"{_shape(input)}, so it is read as class probabilities; class indices need shape "
+            f"{_shape((input.shape[0], *input.shape[2:])) if input.dim() > 1 else '()'})"
+        )
+    if input.dim() == 0:
+        raise IndexError(
+            "Dimension specified as 1 but tensor has no dimensions: cross_entropy needs input "
+            "of shape (C,), (N, C) or (N, C, d1, ...), got a 0-d tensor"
+        )
+    if ignore_index >= 0:
+        raise RuntimeError(
+            "ignore_index is not supported for floating point target (probability targets "
+            f"ignore nothing; got ignore_index={ignore_index}, expected a negative value)"
+        )
+    n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+    check_class_weight(weight, n_classes, input.dtype, prefix="cross_entropy: ")
+    check_floating(input, "log_softmax_lastdim_kernel_impl")

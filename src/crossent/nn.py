@@ -1,0 +1,65 @@
+"""Drop-in ``torch.nn`` loss modules backed by :mod:`crossent.functional`.
+
+Each class subclasses its ``torch.nn`` counterpart, so the constructor signature, the
+``weight``/``pos_weight`` buffers (``.to()``, ``state_dict()``), ``repr`` and ``isinstance``
+checks are exactly torch's; only ``forward`` is crossent's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from crossent import functional as F
+
+__all__ = [
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "NLLLoss",
+    "LinearCrossEntropyLoss",
+]
+
+
+class BCELoss(torch.nn.BCELoss):
+    """Binary cross entropy on probabilities; see :func:`crossent.binary_cross_entropy`."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.binary_cross_entropy(input, target, weight=self.weight, reduction=self.reduction)
+
+
+class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
+    """Binary cross entropy on logits; see :func:`crossent.binary_cross_entropy_with_logits`."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(
+            input, target, self.weight, pos_weight=self.pos_weight, reduction=self.reduction
+        )
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """Cross entropy on logits; see :func:`crossent.cross_entropy`."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(
+            input, target, weight=self.weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing,
+        )  # fmt: skip
+
+
+class NLLLoss(torch.nn.NLLLoss):
+    """Negative log likelihood; see :func:`crossent.nll_loss`."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.nll_loss(
+            input, target, weight=self.weight, ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name == "LinearCrossEntropyLoss":
+        from crossent.linear import LinearCrossEntropyLoss
+
+        return LinearCrossEntropyLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

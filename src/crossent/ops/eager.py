@@ -1,0 +1,439 @@
+"""Portable implementations of the four losses from torch primitives (any device).
+
+Contract of this module:
+- reads validated arguments only (``crossent._checks`` has run; nothing here raises for bad
+  input), with ``reduction`` already one of ``'none' | 'mean' | 'sum'``;
+- never writes into a caller's tensor; in-place ops touch only tensors allocated here;
+- never calls torch's own loss functions (``F.cross_entropy``, ``F.nll_loss``, ...): torch is
+  the oracle in the tests, so it must not also be the implementation.
+
+Two kinds of code live here. *Composed* functions are plain differentiable torch expressions:
+they give double backward, forward-mode AD, ``torch.func`` transforms and ``torch.compile`` for
+free. *Functions* (``torch.autograd.Function``) exist where composition cannot match torch or
+costs too much: binary cross entropy (torch's gradient is not the derivative of its clamped
+forward) and cross entropy with class indices (which saves the per-row log-sum-exp instead of
+an N×C log-softmax and recomputes the softmax in backward, in cache-sized row blocks).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Rows of logits processed per block in the cross-entropy fast path are chosen so that one
+# block of float32 is about this many bytes: small enough to stay in the L2 cache while it is
+# shifted, exponentiated and summed, large enough that the Python loop costs little.
+_BLOCK_BYTES = 1 << 21
+
+_BCE_GRAD_EPS = 1e-12  # torch's clamp of x(1-x) in the BCE gradient
+
+
+def reduce_loss(loss: Tensor, reduction: str) -> Tensor:
+    """Apply ``'none' | 'mean' | 'sum'``; the mean of an empty tensor is NaN, as in torch."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.mean()
+
+
+def _class_view(weight: Tensor, ndim: int) -> Tensor:
+    """Shape a (C,) class weight to broadcast along dim 1 of an (N, C, d1, ...) tensor."""
+    if ndim <= 1:
+        return weight
+    return weight.view(1, -1, *([1] * (ndim - 2)))
+
+
+def _low_precision(t: Tensor) -> bool:
+    return t.dtype in (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# Binary cross entropy on probabilities.
+
+
+def _bce_elementwise(x: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
+    # Each log is clamped at -100 *before* it meets y, so x=0, y=0 gives 0 and not 0·(-inf).
+    log_x = torch.log(x).clamp_min(-100.0)
+    log_1mx = torch.log1p(-x).clamp_min(-100.0)
+    loss = (y - 1) * log_1mx - y * log_x
+    if weight is not None:
+        loss = (loss * weight).to(x.dtype)
+    return loss
+
+
+def _bce_grads(x: Tensor, y: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per-element d(loss)/dx and d(loss)/dy as torch defines them.
+
+    torch's input gradient is (x - y) / max(x(1 - x), 1e-12), not the derivative of the clamped
+    forward; in float16 the 1e-12 rounds to 0 and the boundary gradient is ±inf, as in torch.
+    The target gradient is log(1 - x) - log(x) = -logit(x), unclamped.
+    """
+    denom = torch.clamp(x * (1 - x), min=_BCE_GRAD_EPS)
+    d_x = (x - y) / denom
+    d_y = torch.log1p(-x) - torch.log(x)
+    if weight is not None:
+        d_x = d_x * weight
+        d_y = d_y * weight
+    return d_x, d_y
+
+
+def _reduction_scale(grad_output: Tensor, reduction: str, numel: int) -> Tensor:
+    if reduction == "mean":
+        return grad_output / numel
+    return grad_output
+
+
+class BinaryCrossEntropy(torch.autograd.Function):
+    """Binary cross entropy with torch's gradients (input and target), double backward
+    (the backward is differentiable torch ops), forward-mode AD and vmap."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, y: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
+        return reduce_loss(_bce_elementwise(x, y, weight), reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        x, y, weight, reduction = inputs
+        ctx.reduction = reduction
+        ctx.save_for_backward(x, y, weight)
+        ctx.save_for_forward(x, y, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        x, y, weight = ctx.saved_tensors
+        d_x, d_y = _bce_grads(x, y, weight)
+        scale = _reduction_scale(grad_output, ctx.reduction, x.numel())
+        grad_x = (scale * d_x).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_y = (scale * d_y).to(y.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_y, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t: Tensor | None, y_t: Tensor | None, _w_t, _r):  # type: ignore[override]
+        x, y, weight = ctx.saved_tensors
+        d_x, d_y = _bce_grads(x, y, weight)
+        tangent = torch.zeros_like(x)
+        if x_t is not None:
+            tangent = tangent + d_x * x_t
+        if y_t is not None:
+            tangent = tangent + d_y * y_t
+        return reduce_loss(tangent.to(x.dtype), ctx.reduction)
+
+
+def binary_cross_entropy(
+    x: Tensor, y: Tensor, weight: Tensor | None, reduction: str
+) -> Tensor:
+    if weight is not None:
+        weight = weight.expand(y.shape)
+    return BinaryCrossEntropy.apply(x, y, weight, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Binary cross entropy with logits.
+
+
+def binary_cross_entropy_with_logits(
+    x: Tensor, y: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str
+) -> Tensor:
+    """``l = (1 - y)·x - (1 + (p - 1)·y)·logsigmoid(x)``, then ``l *= weight``.
+
+    logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)) never overflows, so large logits are safe;
+    this is the form torch 2.13 computes (bitwise equal in float64). The result has the
+    *target's* dtype: torch computes the loss in place into a target-dtype tensor.
+    """
+    log_sig = torch.nn.functional.logsigmoid(x)
+    if pos_weight is not None:
+        log_weight = (pos_weight - 1) * y + 1
+        loss = (1 - y) * x - log_weight * log_sig
+    else:
+        loss = (1 - y) * x - log_sig
+    if weight is not None:
+        loss = loss * weight
+    return reduce_loss(loss.to(y.dtype), reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Negative log likelihood (composed: gather is linear, so autograd gives torch's scatter).
+
+
+def _safe_target(target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(target as int64 with ignored entries replaced by class 0, mask of kept entries)."""
+    t = target.long()
+    keep = t != ignore_index
+    return torch.where(keep, t, 0), keep
+
+
+def nll_loss(
+    log_probs: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str
+) -> Tensor:
+    """``l_i = -w[t_i]·x[i, t_i]`` (0 where ignored); mean divides by Σ w[t_i] over kept i."""
+    class_dim = 0 if log_probs.dim() == 1 else 1
+    if log_probs.dim() == 1:
+        target = target.reshape(())
+    safe, keep = _safe_target(target, ignore_index)
+    picked = log_probs.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
+    if weight is not None:
+        w_t = weight[safe]
+        loss = torch.where(keep, -(w_t * picked), 0.0)
+        total_weight = torch.where(keep, w_t, 0.0).sum()
+    else:
+        loss = torch.where(keep, -picked, 0.0)
+        total_weight = keep.sum().to(log_probs.dtype)
+    loss = loss.to(log_probs.dtype)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / total_weight
+
+
+# --------------------------------------------------------------------------------------------
+# Cross entropy with probability targets (composed; target and weight are differentiable).
+
+
+def cross_entropy_probs(
+    logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float, reduction: str
+) -> Tensor:
+    """``l_n = -Σ_c w_c·y'_{n,c}·log_softmax(x)_{n,c}`` with ``y' = y(1-ε) + ε/C``.
+
+    'mean' divides by N·d1…dk (the number of rows), *not* by the weights: the fine print where
+    probability targets and index targets differ (pytorch#61309).
+    """
+    class_dim = 0 if logits.dim() == 1 else 1
+    n_classes = logits.shape[class_dim]
+    log_probs = torch.log_softmax(logits, class_dim)
+    if label_smoothing > 0.0:
+        target = target * (1 - label_smoothing) + label_smoothing / n_classes
+    terms = log_probs * target
+    if weight is not None:
+        terms = terms * _class_view(weight, logits.dim())
+    if reduction == "none":
+        return -terms.sum(class_dim)
+    if reduction == "sum":
+        return -terms.sum()
+    if logits.numel() == 0:
+        return -terms.sum() * float("nan")
+    return -terms.sum() / (logits.numel() // n_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross entropy with class indices.
+
+
+def _smoothing_denominator(keep: Tensor, w_t: Tensor | None, dtype: torch.dtype) -> Tensor:
+    if w_t is None:
+        return keep.sum().to(dtype)
+    return torch.where(keep, w_t, 0.0).sum()
+
+
+def cross_entropy_index_composed(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+) -> Tensor:
+    """Differentiable composition (double backward, forward AD, torch.func, torch.compile).
+
+    ``l_i = (1-ε)·(-w_{t_i}·lp_{i,t_i}) + (ε/C)·(-Σ_c w_c·lp_{i,c})`` for kept rows, 0 for
+    ignored rows, with ``lp = log_softmax(x)``; 'mean' divides *both* terms by Σ w_{t_i} over
+    kept rows.
+    """
+    class_dim = 0 if logits.dim() == 1 else 1
+    log_probs = torch.log_softmax(logits, class_dim)
+    nll = nll_loss(log_probs, target, weight, ignore_index, reduction)
+    if label_smoothing <= 0.0:
+        return nll
+    n_classes = logits.shape[class_dim]
+    if logits.dim() == 1:
+        target = target.reshape(())
+    safe, keep = _safe_target(target, ignore_index)
+    terms = log_probs if weight is None else log_probs * _class_view(weight, logits.dim())
+    smooth = torch.where(keep, -terms.sum(class_dim), 0.0)
+    if reduction == "none":
+        smooth_red = smooth
+    elif reduction == "sum":
+        smooth_red = smooth.sum()
+    else:
+        w_t = None if weight is None else weight[safe]
+        smooth_red = smooth.sum() / _smoothing_denominator(keep, w_t, logits.dtype)
+    return ((1 - label_smoothing) * nll + (label_smoothing / n_classes) * smooth_red).to(
+        logits.dtype
+    )
+
+
+def _row_blocks(logits: Tensor) -> tuple[range, int]:
+    """Start offsets of row blocks along dim 0 sized to about ``_BLOCK_BYTES`` of float32."""
+    n = logits.shape[0]
+    per_row = max(1, logits[:1].numel()) * 4
+    rows = max(1, _BLOCK_BYTES // per_row)
+    return range(0, n, rows), rows
+
+
+class CrossEntropyIndex(torch.autograd.Function):
+    """Cross entropy on (N, C, d1, ...) logits and (N, d1, ...) class indices.
+
+    Forward reads the logits once, in row blocks that stay in cache, and keeps only the
+    per-row log-sum-exp (N·d floats); backward recomputes ``softmax = exp(x - lse)`` block by
+    block straight into the gradient it returns. Statistics are float32 for float16/bfloat16
+    logits. With ``create_graph=True`` the backward switches to differentiable ops (and
+    recomputes lse differentiably), so double backward is exact.
+    """
+
+    @staticmethod
+    def forward(
+        logits: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: str,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        safe, keep = _safe_target(target, ignore_index)
+        stat_dtype = torch.float32 if _low_precision(logits) else logits.dtype
+        lse = torch.empty(
+            (logits.shape[0], 1, *logits.shape[2:]), dtype=stat_dtype, device=logits.device
+        )
+        # smooth_i = -Σ_c w_c·(x_c - lse) = W·log Σ_c exp(x_c - m) - Σ_c w_c·(x_c - m), m the row
+        # max: shifting first keeps the sum free of cancellation when logits sit far from 0.
+        smooth = torch.empty_like(lse) if label_smoothing > 0.0 else None
+        w_col = None if weight is None else _class_view(weight.to(stat_dtype), logits.dim())
+        total_w = logits.shape[1] if weight is None else weight.to(stat_dtype).sum()
+        starts, rows = _row_blocks(logits)
+        for start in starts:
+            stop = start + rows
+            block = logits[start:stop].to(stat_dtype)  # (r, C, d...)
+            row_max = block.amax(1, keepdim=True)
+            shifted = block - row_max
+            weighted_sum = None
+            if smooth is not None:
+                weighted = shifted if w_col is None else shifted * w_col
+                weighted_sum = weighted.sum(1, keepdim=True)
+            log_sum_exp = shifted.exp_().sum(1, keepdim=True).log_()
+            torch.add(row_max, log_sum_exp, out=lse[start:stop])
+            if smooth is not None:
+                torch.sub(total_w * log_sum_exp, weighted_sum, out=smooth[start:stop])
+
+        lse = lse.squeeze(1)  # (N, d...)
+        target_logit = logits.gather(1, safe.unsqueeze(1)).squeeze(1).to(stat_dtype)
+        nll = lse - target_logit
+        w_t = None
+        if weight is not None:
+            w_t = weight[safe].to(stat_dtype)
+            nll = nll * w_t
+        loss = torch.where(keep, nll, 0.0)
+        if smooth is not None:
+            n_classes = logits.shape[1]
+            loss = (1 - label_smoothing) * loss + (label_smoothing / n_classes) * torch.where(
+                keep, smooth.squeeze(1), 0.0
+            )
+        denom = _smoothing_denominator(keep, w_t, stat_dtype)
+        if reduction == "none":
+            out = loss
+        elif reduction == "sum":
+            out = loss.sum()
+        else:
+            out = loss.sum() / denom
+        return out.to(logits.dtype), lse, denom
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        logits, target, weight, ignore_index, label_smoothing, reduction = inputs
+        _, lse, denom = output
+        ctx.ignore_index = ignore_index
+        ctx.label_smoothing = label_smoothing
+        ctx.reduction = reduction
+        ctx.save_for_backward(logits, target, weight, lse, denom)
+        ctx.mark_non_differentiable(lse, denom)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor, _g_lse, _g_denom):  # type: ignore[override]
+        logits, target, weight, lse, denom = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        eps, reduction = ctx.label_smoothing, ctx.reduction
+        n_classes = logits.shape[1]
+        safe, keep = _safe_target(target, ctx.ignore_index)
+        stat_dtype = lse.dtype
+        # Per-row upstream gradient (N, d...), zero (not multiplied) on ignored rows so that an
+        # all-ignored mean (denominator 0) gives zero gradients rather than 0·inf.
+        g = grad_output.to(stat_dtype)
+        if reduction == "mean":
+            g = g / denom
+        g = torch.where(keep, g.expand(keep.shape), 0.0)
+        w_t = torch.ones_like(g) if weight is None else weight[safe].to(stat_dtype)
+        total_w = float(n_classes) if weight is None else weight.to(stat_dtype).sum()
+        # d l_i / d x_ij = (1-ε)·w_t·(p_j - [j = t]) + (ε/C)·(p_j·W - w_j)
+        p_coef = g * ((1 - eps) * w_t + (eps / n_classes) * total_w)  # multiplies p_j
+        t_coef = -(g * (1 - eps) * w_t)  # added at j = t
+        w_coef = g * (eps / n_classes)  # times -w_j (only with smoothing)
+
+        if torch.is_grad_enabled():  # create_graph: differentiable recomputation
+            x = logits.to(stat_dtype)
+            probs = torch.softmax(x, 1)
+            grad = probs * p_coef.unsqueeze(1)
+            grad = grad.scatter_add(1, safe.unsqueeze(1), t_coef.unsqueeze(1))
+            if eps > 0.0:
+                w_row = (
+                    torch.ones_like(x)
+                    if weight is None
+                    else _class_view(weight.to(stat_dtype), x.dim()).expand_as(x)
+                )
+                grad = grad - w_row * w_coef.unsqueeze(1)
+            return grad.to(logits.dtype), None, None, None, None, None
+
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        w_col = None if weight is None else _class_view(weight.to(stat_dtype), logits.dim())
+        starts, rows = _row_blocks(logits)
+        lse_col = lse.unsqueeze(1)
+        for start in starts:
+            stop = start + rows
+            block = logits[start:stop]
+            out = grad[start:stop]
+            work = out if out.dtype == stat_dtype else torch.empty_like(block, dtype=stat_dtype)
+            torch.sub(block, lse_col[start:stop], out=work)
+            work.exp_()
+            work.mul_(p_coef[start:stop].unsqueeze(1))
+            work.scatter_add_(1, safe[start:stop].unsqueeze(1), t_coef[start:stop].unsqueeze(1))
+            if eps > 0.0:
+                w_term = w_coef[start:stop].unsqueeze(1)
+                work.sub_(w_term if w_col is None else w_term * w_col)
+            if work is not out:
+                out.copy_(work)
+        return grad, None, None, None, None, None
+
+
+def cross_entropy_index(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+) -> Tensor:
+    """Index-target cross entropy; the fast Function unless a transform needs composition."""
+    if _needs_composition(logits):
+        return cross_entropy_index_composed(
+            logits, target, weight, ignore_index, label_smoothing, reduction
+        )
+    unbatched = logits.dim() == 1
+    if unbatched:
+        logits, target = logits.unsqueeze(0), target.reshape(1)
+    loss, _, _ = CrossEntropyIndex.apply(
+        logits, target, weight, ignore_index, label_smoothing, reduction
+    )
+    if unbatched and reduction == "none":
+        loss = loss.squeeze(0)
+    return loss
+
+
+def _needs_composition(t: Tensor) -> bool:
+    """Forward-mode AD, torch.func transforms and torch.compile take the composed path."""
+    if torch.compiler.is_compiling():
+        return True
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
