@@ -17,9 +17,7 @@ Reduction = Literal["none", "mean", "sum"]
 _REDUCTIONS = ("none", "mean", "sum")
 
 
-def reduction_from_legacy(
-    size_average: bool | None, reduce: bool | None, reduction: str
-) -> str:
+def reduction_from_legacy(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
     """Resolve torch's deprecated ``size_average``/``reduce`` pair into a reduction string.
 
     ``None`` counts as ``True``; if either is not ``None`` it overrides ``reduction``, with the
@@ -61,9 +59,7 @@ def check_reduction(reduction: str) -> Reduction:
     return reduction  # type: ignore[return-value]
 
 
-def resolve_reduction(
-    size_average: bool | None, reduce: bool | None, reduction: str
-) -> Reduction:
+def resolve_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> Reduction:
     """Legacy arguments first, then validation: the order torch applies them in."""
     return check_reduction(reduction_from_legacy(size_average, reduce, reduction))
 
@@ -146,7 +142,7 @@ def check_floating(input: torch.Tensor, kernel: str) -> None:
     """torch raises NotImplementedError for integer inputs, naming its kernel and the dtype."""
     if not input.is_floating_point():
         raise NotImplementedError(
-            f'"{kernel}" not implemented for \'{scalar_type_name(input.dtype)}\': the input must '
+            f"\"{kernel}\" not implemented for '{scalar_type_name(input.dtype)}': the input must "
             f"be a floating point tensor (float16, bfloat16, float32 or float64), got "
             f"{_short(input.dtype)}"
         )
@@ -344,8 +340,7 @@ def check_nll_shapes(input: torch.Tensor, target: torch.Tensor) -> None:
     if input.dim() == 1:
         if target.dim() == 1 and target.shape[0] != 1:
             raise ValueError(
-                f"For 1D input, 1D target must have size 1, but got target size: "
-                f"{target.shape[0]}"
+                f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}"
             )
         if target.dim() > 1:
             raise RuntimeError(
@@ -396,16 +391,15 @@ def check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) 
                 + (f" (ignore_index is {ignore_index})" if ignore_index != -100 else "")
             )
     else:
-        _assert_on_device(~bad.any(), f"Target is out of bounds: class indices must lie in "
-                          f"[0, {n_classes})")
+        _assert_on_device(
+            ~bad.any(), f"Target is out of bounds: class indices must lie in [0, {n_classes})"
+        )
 
 
 def check_label_smoothing(label_smoothing: float) -> float:
     """torch checks only ``ε <= 1`` (inside ``ε > 0``); negative values mean no smoothing."""
     if label_smoothing > 1.0:
-        raise RuntimeError(
-            f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}"
-        )
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     return float(label_smoothing) if label_smoothing > 0.0 else 0.0
 
 

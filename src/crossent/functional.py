@@ -8,7 +8,6 @@ portable torch implementation in ``crossent.ops.eager``.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
@@ -20,7 +19,7 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "nll_loss",
-    "linear_cross_entropy",
+    "linear_cross_entropy",  # noqa: F822 (lazy, see __getattr__)
 ]
 
 

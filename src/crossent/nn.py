@@ -17,7 +17,7 @@ __all__ = [
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
     "NLLLoss",
-    "LinearCrossEntropyLoss",
+    "LinearCrossEntropyLoss",  # noqa: F822 (lazy, see __getattr__)
 ]
 
 

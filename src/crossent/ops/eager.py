@@ -122,9 +122,7 @@ class BinaryCrossEntropy(torch.autograd.Function):
         return reduce_loss(tangent.to(x.dtype), ctx.reduction)
 
 
-def binary_cross_entropy(
-    x: Tensor, y: Tensor, weight: Tensor | None, reduction: str
-) -> Tensor:
+def binary_cross_entropy(x: Tensor, y: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
     if weight is not None:
         weight = weight.expand(y.shape)
     return BinaryCrossEntropy.apply(x, y, weight, reduction)
