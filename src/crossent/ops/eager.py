@@ -62,26 +62,25 @@ def _bce_elementwise(x: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
     return loss
 
 
-def _bce_grads(x: Tensor, y: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Per-element d(loss)/dx and d(loss)/dy as torch defines them.
+def _bce_grads(
+    grad: Tensor, x: Tensor, y: Tensor, weight: Tensor | None, reduction: str
+) -> tuple[Tensor, Tensor]:
+    """d(loss)/dx and d(loss)/dy times the upstream gradient, as torch defines them.
 
-    torch's input gradient is (x - y) / max(x(1 - x), 1e-12), not the derivative of the clamped
-    forward; in float16 the 1e-12 rounds to 0 and the boundary gradient is ±inf, as in torch.
-    The target gradient is log(1 - x) - log(x) = -logit(x), unclamped.
+    torch's input gradient is g·(x - y) / max((1 - x)·x, 1e-12), not the derivative of the
+    clamped forward; in float16 the 1e-12 rounds to 0 and the boundary gradient is ±inf, as in
+    torch. The target gradient is g·(log(1 - x) - log(x)) = -g·logit(x), unclamped. Weight and
+    the 1/numel of 'mean' are applied last, in torch's order.
     """
-    denom = torch.clamp(x * (1 - x), min=_BCE_GRAD_EPS)
-    d_x = (x - y) / denom
-    d_y = torch.log1p(-x) - torch.log(x)
+    d_x = grad * (x - y) / torch.clamp((1 - x) * x, min=_BCE_GRAD_EPS)
+    d_y = grad * (torch.log1p(-x) - torch.log(x))
     if weight is not None:
         d_x = d_x * weight
         d_y = d_y * weight
-    return d_x, d_y
-
-
-def _reduction_scale(grad_output: Tensor, reduction: str, numel: int) -> Tensor:
     if reduction == "mean":
-        return grad_output / numel
-    return grad_output
+        d_x = d_x / x.numel()
+        d_y = d_y / x.numel()
+    return d_x, d_y
 
 
 class BinaryCrossEntropy(torch.autograd.Function):
@@ -104,16 +103,17 @@ class BinaryCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         x, y, weight = ctx.saved_tensors
-        d_x, d_y = _bce_grads(x, y, weight)
-        scale = _reduction_scale(grad_output, ctx.reduction, x.numel())
-        grad_x = (scale * d_x).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_y = (scale * d_y).to(y.dtype) if ctx.needs_input_grad[1] else None
+        d_x, d_y = _bce_grads(grad_output, x, y, weight, ctx.reduction)
+        grad_x = d_x.to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_y = d_y.to(y.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_y, None, None
 
     @staticmethod
     def jvp(ctx, x_t: Tensor | None, y_t: Tensor | None, _w_t, _r):  # type: ignore[override]
         x, y, weight = ctx.saved_tensors
-        d_x, d_y = _bce_grads(x, y, weight)
+        # The loss is elementwise, so its forward derivative is the backward's per-element
+        # gradient (with g = 1 and no 1/numel) dotted with the tangents, then reduced.
+        d_x, d_y = _bce_grads(torch.ones_like(x), x, y, weight, "sum")
         tangent = torch.zeros_like(x)
         if x_t is not None:
             tangent = tangent + d_x * x_t
@@ -179,12 +179,13 @@ def nll_loss(
     else:
         loss = torch.where(keep, -picked, 0.0)
         total_weight = keep.sum().to(log_probs.dtype)
-    loss = loss.to(log_probs.dtype)
     if reduction == "none":
-        return loss
+        return loss.to(log_probs.dtype)
+    # Reduce in float32 for float16/bfloat16 (torch accumulates in its accscalar type).
+    acc = torch.float32 if _low_precision(log_probs) else log_probs.dtype
     if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / total_weight
+        return loss.to(acc).sum().to(log_probs.dtype)
+    return (loss.to(acc).sum() / total_weight.to(acc)).to(log_probs.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,35 +290,37 @@ class CrossEntropyIndex(torch.autograd.Function):
         ignore_index: int,
         label_smoothing: float,
         reduction: str,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         safe, keep = _safe_target(target, ignore_index)
         stat_dtype = torch.float32 if _low_precision(logits) else logits.dtype
-        lse = torch.empty(
+        # Per row: the max m and log Σ exp(x - m). Keeping them apart (rather than lse = m + log
+        # Σ) keeps exp(x - m - log Σ) exact when |x| is huge (e.g. 3e38) and m + log Σ rounds.
+        row_max = torch.empty(
             (logits.shape[0], 1, *logits.shape[2:]), dtype=stat_dtype, device=logits.device
         )
+        log_sum_exp = torch.empty_like(row_max)
         # smooth_i = -Σ_c w_c·(x_c - lse) = W·log Σ_c exp(x_c - m) - Σ_c w_c·(x_c - m), m the row
         # max: shifting first keeps the sum free of cancellation when logits sit far from 0.
-        smooth = torch.empty_like(lse) if label_smoothing > 0.0 else None
+        smooth = torch.empty_like(row_max) if label_smoothing > 0.0 else None
         w_col = None if weight is None else _class_view(weight.to(stat_dtype), logits.dim())
         total_w = logits.shape[1] if weight is None else weight.to(stat_dtype).sum()
         starts, rows = _row_blocks(logits)
         for start in starts:
             stop = start + rows
             block = logits[start:stop].to(stat_dtype)  # (r, C, d...)
-            row_max = block.amax(1, keepdim=True)
-            shifted = block - row_max
+            block_max = torch.amax(block, 1, keepdim=True, out=row_max[start:stop])
+            shifted = block - block_max
             weighted_sum = None
             if smooth is not None:
                 weighted = shifted if w_col is None else shifted * w_col
                 weighted_sum = weighted.sum(1, keepdim=True)
-            log_sum_exp = shifted.exp_().sum(1, keepdim=True).log_()
-            torch.add(row_max, log_sum_exp, out=lse[start:stop])
+            block_lse = torch.sum(shifted.exp_(), 1, keepdim=True, out=log_sum_exp[start:stop])
+            block_lse.log_()
             if smooth is not None:
-                torch.sub(total_w * log_sum_exp, weighted_sum, out=smooth[start:stop])
+                torch.sub(total_w * block_lse, weighted_sum, out=smooth[start:stop])
 
-        lse = lse.squeeze(1)  # (N, d...)
-        target_logit = logits.gather(1, safe.unsqueeze(1)).squeeze(1).to(stat_dtype)
-        nll = lse - target_logit
+        target_logit = logits.gather(1, safe.unsqueeze(1)).to(stat_dtype)
+        nll = ((row_max - target_logit) + log_sum_exp).squeeze(1)  # lse - x_t, (N, d...)
         w_t = None
         if weight is not None:
             w_t = weight[safe].to(stat_dtype)
@@ -335,27 +338,27 @@ class CrossEntropyIndex(torch.autograd.Function):
             out = loss.sum()
         else:
             out = loss.sum() / denom
-        return out.to(logits.dtype), lse, denom
+        return out.to(logits.dtype), row_max, log_sum_exp, denom
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         logits, target, weight, ignore_index, label_smoothing, reduction = inputs
-        _, lse, denom = output
+        _, row_max, log_sum_exp, denom = output
         ctx.ignore_index = ignore_index
         ctx.label_smoothing = label_smoothing
         ctx.reduction = reduction
-        ctx.save_for_backward(logits, target, weight, lse, denom)
-        ctx.mark_non_differentiable(lse, denom)
+        ctx.save_for_backward(logits, target, weight, row_max, log_sum_exp, denom)
+        ctx.mark_non_differentiable(row_max, log_sum_exp, denom)
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor, _g_lse, _g_denom):  # type: ignore[override]
-        logits, target, weight, lse, denom = ctx.saved_tensors
+    def backward(ctx, grad_output: Tensor, *_stats):  # type: ignore[override]
+        logits, target, weight, row_max, log_sum_exp, denom = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         eps, reduction = ctx.label_smoothing, ctx.reduction
         n_classes = logits.shape[1]
         safe, keep = _safe_target(target, ctx.ignore_index)
-        stat_dtype = lse.dtype
+        stat_dtype = row_max.dtype
         # Per-row upstream gradient (N, d...), zero (not multiplied) on ignored rows so that an
         # all-ignored mean (denominator 0) gives zero gradients rather than 0·inf.
         g = grad_output.to(stat_dtype)
@@ -386,15 +389,16 @@ class CrossEntropyIndex(torch.autograd.Function):
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         w_col = None if weight is None else _class_view(weight.to(stat_dtype), logits.dim())
         starts, rows = _row_blocks(logits)
-        lse_col = lse.unsqueeze(1)
+        # softmax = exp(x - m) / Σ: fold 1/Σ into the coefficient of p_j (one multiply).
+        p_scale = p_coef.unsqueeze(1) * torch.exp(-log_sum_exp)
         for start in starts:
             stop = start + rows
             block = logits[start:stop]
             out = grad[start:stop]
             work = out if out.dtype == stat_dtype else torch.empty_like(block, dtype=stat_dtype)
-            torch.sub(block, lse_col[start:stop], out=work)
+            torch.sub(block, row_max[start:stop], out=work)
             work.exp_()
-            work.mul_(p_coef[start:stop].unsqueeze(1))
+            work.mul_(p_scale[start:stop])
             work.scatter_add_(1, safe[start:stop].unsqueeze(1), t_coef[start:stop].unsqueeze(1))
             if eps > 0.0:
                 w_term = w_coef[start:stop].unsqueeze(1)
@@ -420,7 +424,7 @@ def cross_entropy_index(
     unbatched = logits.dim() == 1
     if unbatched:
         logits, target = logits.unsqueeze(0), target.reshape(1)
-    loss, _, _ = CrossEntropyIndex.apply(
+    loss, *_ = CrossEntropyIndex.apply(
         logits, target, weight, ignore_index, label_smoothing, reduction
     )
     if unbatched and reduction == "none":
