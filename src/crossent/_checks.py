@@ -120,7 +120,7 @@ def _can_inspect_values(t: torch.Tensor) -> bool:
     """
     if t.device.type != "cpu" or t.is_meta:
         return False
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return not isinstance(t, torch._subclasses.FakeTensor)
 
@@ -129,6 +129,8 @@ def _assert_on_device(ok: torch.Tensor, message: str) -> None:
     """Asynchronous check for tensors we cannot read on the host (CUDA, tracing)."""
     if ok.is_meta or isinstance(ok, torch._subclasses.FakeTensor):
         return
+    if torch._C._are_functorch_transforms_active():
+        return  # a batched (vmap) tensor has no single truth value; gather still bounds-checks
     if ok.device.type == "cpu" and not torch.compiler.is_compiling():
         return
     torch._assert_async(ok, message)

@@ -25,7 +25,9 @@ from torch import Tensor
 # shifted, exponentiated and summed, large enough that the Python loop costs little.
 _BLOCK_BYTES = 1 << 21
 
-_BCE_GRAD_EPS = 1e-12  # torch's clamp of x(1-x) in the BCE gradient
+# torch's clamp of x(1-x) in the BCE gradient is the *float32* constant 1e-12f, which is
+# 9.999999960041972e-13 when the arithmetic is in float64.
+_BCE_GRAD_EPS = 9.999999960041972e-13
 
 
 def reduce_loss(loss: Tensor, reduction: str) -> Tensor:
@@ -85,7 +87,7 @@ def _bce_grads(
 
 class BinaryCrossEntropy(torch.autograd.Function):
     """Binary cross entropy with torch's gradients (input and target), double backward
-    (the backward is differentiable torch ops), forward-mode AD and vmap."""
+    (the backward is differentiable torch ops) and vmap."""
 
     generate_vmap_rule = True
 
@@ -108,6 +110,10 @@ class BinaryCrossEntropy(torch.autograd.Function):
         grad_y = d_y.to(y.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_y, None, None
 
+
+class BinaryCrossEntropyWithJvp(BinaryCrossEntropy):
+    """Adds forward-mode AD. Kept apart because Dynamo cannot trace a Function with ``jvp``."""
+
     @staticmethod
     def jvp(ctx, x_t: Tensor | None, y_t: Tensor | None, _w_t, _r):  # type: ignore[override]
         x, y, weight = ctx.saved_tensors
@@ -125,7 +131,9 @@ class BinaryCrossEntropy(torch.autograd.Function):
 def binary_cross_entropy(x: Tensor, y: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
     if weight is not None:
         weight = weight.expand(y.shape)
-    return BinaryCrossEntropy.apply(x, y, weight, reduction)
+    if torch.compiler.is_compiling():
+        return BinaryCrossEntropy.apply(x, y, weight, reduction)
+    return BinaryCrossEntropyWithJvp.apply(x, y, weight, reduction)
 
 
 # --------------------------------------------------------------------------------------------
