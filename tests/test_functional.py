@@ -59,7 +59,7 @@ def assert_same(ours, theirs, dtype=None):
     torch.testing.assert_close(a, b, equal_nan=True, **tol)
     assert (ga is None) == (gb is None)
     if ga is not None:
-        for x, y in zip(ga, gb):
+        for x, y in zip(ga, gb, strict=True):
             assert x.dtype == y.dtype and x.shape == y.shape
             torch.testing.assert_close(x, y, equal_nan=True, **GRAD_TOL[dtype or x.dtype])
 
