@@ -1,0 +1,395 @@
+"""Linear cross entropy: ``cross_entropy(input @ linear_weight.T + linear_bias, target)``
+without ever holding the N×V logits.
+
+Public API: :func:`linear_cross_entropy` (re-exported as ``crossent.linear_cross_entropy`` and
+``crossent.functional.linear_cross_entropy``) and :class:`LinearCrossEntropyLoss`
+(``crossent.nn.LinearCrossEntropyLoss``). Arguments shared with torch 2.13's
+``F.linear_cross_entropy`` mean the same; ``z_loss``, ``softcap`` and ``chunk_size`` are ours.
+This module validates; the work is done by ``crossent.ops.chunked`` (any device) or, for CUDA
+tensors, by the Triton kernels (``crossent.ops.triton``).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
+
+from crossent import _checks
+from crossent.ops.chunked import linear_cross_entropy_chunked
+
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
+
+_FN = "linear_cross_entropy"
+
+
+def _select_backend(*tensors: Tensor | None) -> str:
+    try:
+        from crossent._backend import select_backend
+    except ImportError:  # the dispatch module is written in parallel; torch until it lands
+        return "torch"
+    return select_backend(*tensors)
+
+
+def _triton_kernel():
+    """``crossent.ops.triton.linear_cross_entropy``, or None while it does not exist."""
+    try:
+        from crossent.ops import triton as triton_ops
+    except ImportError:
+        return None
+    return getattr(triton_ops, "linear_cross_entropy", None)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (linear-cross-entropy specific; the shared pieces come from crossent._checks).
+
+
+def _check_shapes(
+    input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None
+) -> None:
+    if input.dim() < 1:
+        raise RuntimeError(
+            f"{_FN}: expected input with dimensionality 1 or more, (..., in_features), got "
+            f"{input.dim()} (shape {tuple(input.shape)})"
+        )
+    if linear_weight.dim() < 2:
+        raise RuntimeError(
+            f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}: "
+            f"{_FN} needs linear_weight of shape (num_classes, in_features), got "
+            f"{tuple(linear_weight.shape)}"
+        )
+    if linear_weight.dim() > 2:
+        raise NotImplementedError(
+            f"{_FN}: K-dimensional loss (linear_weight of shape (C, d1, ..., in_features)) is "
+            f"not supported by crossent; expected (num_classes, in_features), got "
+            f"{tuple(linear_weight.shape)}. torch.nn.functional.linear_cross_entropy supports it."
+        )
+    if input.shape[-1] != linear_weight.shape[-1]:
+        raise RuntimeError(
+            "expected equal input and linear_weight last dimensions (in_features), got "
+            f"{input.shape[-1]} and {linear_weight.shape[-1]}, respectively (input shape "
+            f"{tuple(input.shape)}, linear_weight shape {tuple(linear_weight.shape)})"
+        )
+    n_classes = linear_weight.shape[0]
+    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes,):
+        raise RuntimeError(
+            f"expected linear_bias shape {(n_classes,)}, got {tuple(linear_bias.shape)}: the "
+            f"bias holds one value per class of linear_weight {tuple(linear_weight.shape)}"
+        )
+    expected = tuple(input.shape[:-1])
+    if (
+        target.is_floating_point()
+        and input.dim() >= 1
+        and tuple(target.shape) == (*expected, n_classes)
+    ):
+        raise NotImplementedError(
+            f"{_FN}: class-probability targets (a floating target of shape "
+            f"{(*expected, n_classes)}) are not supported by crossent.linear_cross_entropy; "
+            "expected class indices of shape input.shape[:-1] = "
+            f"{expected}. Use crossent.cross_entropy(F.linear(input, linear_weight, bias), "
+            "target) for probability targets."
+        )
+    _checks.check_index_target_dtype(target)
+    if input.dim() == 1:
+        # Unbatched (in_features,): torch accepts a 0-d target, or a 1-D target of size 1.
+        if target.dim() == 1 and target.shape[0] != 1:
+            raise ValueError(
+                f"For 1D input, 1D target must have size 1, but got target size: "
+                f"{target.shape[0]} (input shape {tuple(input.shape)})"
+            )
+        if target.dim() > 1:
+            raise RuntimeError(
+                "0D or 1D target tensor expected, multi-target not supported (input shape "
+                f"{tuple(input.shape)}: expected a 0-d target, got shape {tuple(target.shape)})"
+            )
+        return
+    if tuple(target.shape) != expected:
+        message = (
+            f"expected target of shape input.shape[:-1] = {expected} (input shape "
+            f"{tuple(input.shape)}), got {tuple(target.shape)}"
+        )
+        if target.dim() > len(expected):
+            raise RuntimeError(
+                f"0D or 1D target tensor expected, multi-target not supported: {message}"
+            )
+        batch = target.shape[0] if target.dim() > 0 else 0
+        raise ValueError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+            f"({batch}): {message}"
+        )
+
+
+def _check_dtypes(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> None:
+    _checks.check_floating(input, _FN)
+    if linear_weight.dtype != input.dtype:
+        raise RuntimeError(
+            f"expected m1 and m2 to have the same dtype, but got: {_short(input.dtype)} != "
+            f"{_short(linear_weight.dtype)}: linear_weight must have the input's dtype "
+            f"({_short(input.dtype)}), got {_short(linear_weight.dtype)}"
+        )
+    if linear_bias is not None and linear_bias.dtype != input.dtype:
+        raise RuntimeError(
+            f"self and mat2 must have the same dtype, but got "
+            f"{_checks.scalar_type_name(linear_bias.dtype)} and "
+            f"{_checks.scalar_type_name(input.dtype)}: linear_bias must have the input's dtype "
+            f"({_short(input.dtype)}), got {_short(linear_bias.dtype)}"
+        )
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_z_loss(z_loss: object) -> float:
+    if isinstance(z_loss, bool) or not isinstance(z_loss, Real):
+        raise TypeError(f"{_FN}: z_loss must be a real number, got {type(z_loss).__name__}")
+    if not (math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(
+            f"{_FN}: z_loss must be a finite number >= 0 (the coefficient of lse**2), got {z_loss}"
+        )
+    return float(z_loss)
+
+
+def _check_softcap(softcap: object) -> float | None:
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, Real):
+        raise TypeError(
+            f"{_FN}: softcap must be None or a real number, got {type(softcap).__name__}"
+        )
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(
+            f"{_FN}: softcap must be None or a finite number > 0 (logits become "
+            f"softcap * tanh(logits / softcap)), got {softcap}"
+        )
+    return float(softcap)
+
+
+def _check_chunk_size(chunk_size: object) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(
+            f"{_FN}: chunk_size must be None or an int (rows per chunk), got "
+            f"{type(chunk_size).__name__}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"{_FN}: chunk_size must be >= 1 (rows per chunk), got {chunk_size}")
+    return chunk_size
+
+
+# --------------------------------------------------------------------------------------------
+# Public API.
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    r"""Cross entropy of the linear projection ``input @ linear_weight.T + linear_bias``.
+
+    Equal to ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``
+    (plus the soft-cap and z-loss terms below) but computed in token chunks, so neither the
+    N×V logits nor their gradient is ever held. With logits :math:`z = W x_i + b`:
+
+    .. math::
+        s = c \tanh(z / c) \ \text{(if softcap } c\text{, Gemma 2)}, \qquad
+        \mathrm{lse}_i = \log \sum_v e^{s_v}
+
+        \ell_i = (1-\varepsilon)\, w_{t_i} (\mathrm{lse}_i - s_{t_i})
+               + \frac{\varepsilon}{V} \sum_v w_v (\mathrm{lse}_i - s_v)
+               + \zeta\, \mathrm{lse}_i^2 \ \text{(z-loss, PaLM)}
+
+    for tokens whose target is not ``ignore_index`` (ignored tokens give 0 and cost no matmul
+    work on CPU). ``'mean'`` divides :math:`\sum_i \ell_i` by :math:`\sum_{i\,\text{kept}}
+    w_{t_i}` (the number of kept tokens without class weights) — the z-loss term included; class
+    weights scale the cross-entropy terms only. All-ignored input gives NaN for ``'mean'`` (0/0,
+    as torch) and zero gradients.
+
+    Gradients w.r.t. ``input``, ``linear_weight`` and ``linear_bias`` are exact and
+    accumulated in float32 (float64 for float64 input) whatever the input dtype, then cast to
+    the parameter's dtype. For ``'mean'``/``'sum'`` they are computed during the forward (the
+    backward only scales them); ``'none'`` recomputes the chunks in its backward. Double
+    backward raises ``RuntimeError``.
+
+    Args:
+        input: hidden states ``(..., D)`` (torch's function takes ``(D,)`` or ``(N, D)``).
+        linear_weight: classifier weight ``(V, D)``, the input's dtype.
+        target: class indices of shape ``input.shape[:-1]``, int64 or uint8, in ``[0, V)`` or
+            equal to ``ignore_index``.
+        linear_bias: optional ``(V,)`` bias, the input's dtype.
+        weight: optional ``(V,)`` class weight (the input's dtype, not differentiable).
+        reduction: ``'none' | 'mean' | 'sum'``.
+        ignore_index: target value to skip; ``None`` means -100 (torch's convention).
+        label_smoothing: ε in [0, 1], PyTorch's convention (ε/V on every class); negative
+            values mean no smoothing, as in torch.
+        z_loss: ζ >= 0, weight of the :math:`\mathrm{lse}^2` penalty.
+        softcap: c > 0 to soft-cap the logits, or None.
+        chunk_size: tokens per chunk; None sizes chunks from a 32 MiB scratch budget
+            (``crossent.ops.chunked.CHUNK_BYTES``).
+
+    Returns:
+        The loss in the input's dtype: 0-d for ``'mean'``/``'sum'``, ``target``'s shape for
+        ``'none'`` (0-d for unbatched input).
+
+    Raises:
+        RuntimeError: wrong ``linear_weight``/``linear_bias`` shapes or dtypes, a 2-D+ target
+            for 2-D input, a non-int64/uint8 target, a bad class weight (shape, dtype,
+            ``requires_grad``), ``label_smoothing > 1``, double backward.
+        ValueError: target shape other than ``input.shape[:-1]``, bad ``reduction``,
+            ``z_loss < 0``, ``softcap <= 0``, ``chunk_size < 1``.
+        IndexError: a kept target outside ``[0, V)`` (checked on the host for CPU tensors).
+        TypeError: non-integer ``ignore_index`` or ``chunk_size``, non-numeric options.
+        NotImplementedError: integer input, class-probability targets, K-dimensional weights.
+    """
+    if has_torch_function_variadic(input, linear_weight, target, linear_bias, weight):
+        return handle_torch_function(
+            linear_cross_entropy,
+            (input, linear_weight, target, linear_bias, weight),
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=weight,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            chunk_size=chunk_size,
+        )
+    reduction = _checks.check_reduction(reduction)
+    ignore_index = -100 if ignore_index is None else _checks.check_ignore_index(ignore_index, _FN)
+    _check_shapes(input, linear_weight, target, linear_bias)
+    _check_dtypes(input, linear_weight, linear_bias)
+    n_classes = linear_weight.shape[0]
+    _checks.check_class_weight(weight, n_classes, input.dtype)
+    _checks.check_not_differentiable(_FN, "weight", weight)
+    label_smoothing = _checks.check_label_smoothing(label_smoothing)
+    z_loss = _check_z_loss(z_loss)
+    softcap = _check_softcap(softcap)
+    chunk_size = _check_chunk_size(chunk_size)
+    _checks.check_target_range(target, n_classes, ignore_index)
+
+    x2d = input.reshape(-1, input.shape[-1])  # (N, D), a view when it can be
+    t1d = target.reshape(-1)
+    if t1d.dtype != torch.int64:
+        t1d = t1d.long()
+    out_shape = () if input.dim() == 1 else tuple(target.shape)
+    options = dict(
+        linear_bias=linear_bias,
+        weight=weight,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+
+    loss = None
+    if _select_backend(input, linear_weight, target, linear_bias, weight) == "triton":
+        kernel = _triton_kernel()
+        if kernel is not None:
+            loss = kernel(x2d, linear_weight, t1d, **options)
+    if loss is None:
+        loss = linear_cross_entropy_chunked(
+            x2d, linear_weight, t1d, chunk_size=chunk_size, **options
+        )
+    return loss.reshape(out_shape) if reduction == "none" else loss
+
+
+class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    """Module form of :func:`linear_cross_entropy`, owning the classifier ``nn.Linear``.
+
+    Subclasses ``torch.nn.LinearCrossEntropyLoss`` with its constructor's shared arguments, so
+    ``self.linear`` (``weight`` of shape ``(num_classes, in_features)``, optional ``bias``), the
+    ``weight`` class-weight buffer, ``state_dict`` keys and ``isinstance`` checks are torch's.
+    torch's ``out_features`` (K-dimensional loss) and ``options`` are not offered; ``z_loss``,
+    ``softcap`` and ``chunk_size`` are added.
+
+    Args:
+        in_features: D, size of each input sample.
+        num_classes: V, number of classes.
+        bias: whether the linear layer has a learnable bias.
+        device, dtype: of the linear layer's parameters.
+        reduction: ``'none' | 'mean' | 'sum'``.
+        weight: optional ``(num_classes,)`` class weight.
+        ignore_index: target value to skip (None means -100).
+        label_smoothing: ε in [0, 1].
+        z_loss: ζ >= 0.
+        softcap: c > 0 or None.
+        chunk_size: tokens per chunk, or None.
+
+    Raises:
+        RuntimeError: ``weight`` not of shape ``(num_classes,)``, ``label_smoothing`` outside
+            [0, 1] (torch's constructor checks).
+        ValueError, TypeError: bad ``z_loss``, ``softcap`` or ``chunk_size``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            in_features,
+            num_classes,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+            reduction=reduction,
+            weight=weight,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+        )
+        self.z_loss = _check_z_loss(z_loss)
+        self.softcap = _check_softcap(softcap)
+        self.chunk_size = _check_chunk_size(chunk_size)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        """Loss of ``self.linear(input)`` against ``target``; see :func:`linear_cross_entropy`."""
+        return linear_cross_entropy(
+            input,
+            self.linear.weight,
+            target,
+            linear_bias=self.linear.bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+            f"bias={self.linear.bias is not None}, reduction={self.reduction}, "
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+            f"z_loss={self.z_loss}, softcap={self.softcap}, chunk_size={self.chunk_size}"
+        )
