@@ -140,14 +140,15 @@ def binary_cross_entropy(x: Tensor, y: Tensor, weight: Tensor | None, reduction:
 # Binary cross entropy with logits.
 
 
-def binary_cross_entropy_with_logits(
-    x: Tensor, y: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str
+def _bce_logits_elementwise(
+    x: Tensor, y: Tensor, weight: Tensor | None, pos_weight: Tensor | None
 ) -> Tensor:
     """``l = (1 - y)·x - (1 + (p - 1)·y)·logsigmoid(x)``, then ``l *= weight``.
 
     logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)) never overflows, so large logits are safe;
-    this is the form torch 2.13 computes (bitwise equal in float64). The result has the
-    *target's* dtype: torch computes the loss in place into a target-dtype tensor.
+    this is the form torch 2.13 computes (bitwise equal in float64, and op by op in
+    float16/bfloat16). The result has the *target's* dtype: torch computes the loss in place
+    into a target-dtype tensor.
     """
     log_sig = torch.nn.functional.logsigmoid(x)
     if pos_weight is not None:
@@ -157,7 +158,102 @@ def binary_cross_entropy_with_logits(
         loss = (1 - y) * x - log_sig
     if weight is not None:
         loss = loss * weight
-    return reduce_loss(loss.to(y.dtype), reduction)
+    return loss.to(y.dtype)
+
+
+def _bce_logits_grads(
+    grad: Tensor,
+    x: Tensor,
+    y: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    reduction: str,
+    need: tuple[bool, bool],
+) -> tuple[Tensor | None, Tensor | None]:
+    """Upstream gradient times d(loss)/dx and d(loss)/dy, in torch's order of operations.
+
+    d/dx = (p·y + 1 - y)·σ(x) - p·y   (σ(x) - y without pos_weight)
+    d/dy = logsigmoid(-x) - p·logsigmoid(x)   (-x without pos_weight)
+    """
+    grad_x = grad_y = None
+    if need[0]:
+        if pos_weight is not None:
+            py = pos_weight * y
+            grad_x = (py + 1 - y) * torch.sigmoid(x) - py
+        else:
+            grad_x = torch.sigmoid(x) - y
+        grad_x = grad_x * grad
+        if weight is not None:
+            grad_x = grad_x * weight
+        if reduction == "mean":
+            grad_x = grad_x / x.numel()
+        grad_x = grad_x.to(x.dtype)
+    if need[1]:
+        if pos_weight is not None:
+            log_sig = torch.nn.functional.logsigmoid
+            grad_y = (log_sig(-x) - log_sig(x) * pos_weight) * grad
+        else:
+            grad_y = -x * grad
+        if weight is not None:
+            grad_y = grad_y * weight
+        if reduction == "mean":
+            grad_y = grad_y / y.numel()
+        grad_y = grad_y.to(y.dtype)
+    return grad_x, grad_y
+
+
+class BinaryCrossEntropyWithLogits(torch.autograd.Function):
+    """BCE with logits with torch's backward formulas (matching it op by op in float16 and
+    bfloat16), differentiable backward (double backward) and vmap."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: Tensor, y: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str
+    ) -> Tensor:
+        return reduce_loss(_bce_logits_elementwise(x, y, weight, pos_weight), reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        x, y, weight, pos_weight, reduction = inputs
+        ctx.reduction = reduction
+        ctx.save_for_backward(x, y, weight, pos_weight)
+        ctx.save_for_forward(x, y, weight, pos_weight)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        x, y, weight, pos_weight = ctx.saved_tensors
+        grad_x, grad_y = _bce_logits_grads(
+            grad_output, x, y, weight, pos_weight, ctx.reduction, tuple(ctx.needs_input_grad[:2])
+        )
+        return grad_x, grad_y, None, None, None
+
+
+class BinaryCrossEntropyWithLogitsJvp(BinaryCrossEntropyWithLogits):
+    """Adds forward-mode AD (Dynamo cannot trace a Function with ``jvp``)."""
+
+    @staticmethod
+    def jvp(ctx, x_t, y_t, _w_t, _p_t, _r):  # type: ignore[override]
+        x, y, weight, pos_weight = ctx.saved_tensors
+        d_x, d_y = _bce_logits_grads(
+            torch.ones((), dtype=y.dtype), x, y, weight, pos_weight, "sum", (True, True)
+        )
+        tangent = torch.zeros(x.shape, dtype=y.dtype, device=x.device)
+        if x_t is not None:
+            tangent = tangent + d_x * x_t
+        if y_t is not None:
+            tangent = tangent + d_y * y_t
+        return reduce_loss(tangent.to(y.dtype), ctx.reduction)
+
+
+def binary_cross_entropy_with_logits(
+    x: Tensor, y: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str
+) -> Tensor:
+    fn = BinaryCrossEntropyWithLogits
+    if not torch.compiler.is_compiling():
+        fn = BinaryCrossEntropyWithLogitsJvp
+    return fn.apply(x, y, weight, pos_weight, reduction)
 
 
 # --------------------------------------------------------------------------------------------
