@@ -1,0 +1,255 @@
+"""The four losses as the CLI runs them: arguments in, crossent / reference / torch values out.
+
+crossent (``crossent.functional``) is the value the CLI reports; the NumPy float64 reference
+(``crossent.reference``) and torch itself are run next to it for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from crossent.cli._values import UsageError, is_integral, read_values
+
+__all__ = ["LOSSES", "LossError", "LossSpec", "Outcome", "Problem", "build_problem"]
+
+# Exceptions the library raises for bad arguments (torch's types).
+LIBRARY_ERRORS = (ValueError, RuntimeError, IndexError, TypeError, NotImplementedError)
+
+
+class LossError(Exception):
+    """The library rejected the arguments (its message says why): exit status 1."""
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One ``crossent loss`` subcommand."""
+
+    command: str  # subcommand name, e.g. "bce-logits"
+    function: str  # name in crossent.functional / torch.nn.functional / crossent.reference
+    title: str
+    input_help: str
+    target_help: str
+    weight_help: str
+    options: tuple[str, ...]  # the extra keyword arguments it takes
+
+
+LOSSES: dict[str, LossSpec] = {
+    spec.command: spec
+    for spec in (
+        LossSpec(
+            "bce",
+            "binary_cross_entropy",
+            "binary cross entropy on probabilities",
+            "probabilities in [0, 1], any shape",
+            "targets in [0, 1], the input's shape",
+            "rescaling weight that broadcasts (right-aligned) to the input's shape",
+            (),
+        ),
+        LossSpec(
+            "bce-logits",
+            "binary_cross_entropy_with_logits",
+            "binary cross entropy on logits (stable log-sigmoid form)",
+            "logits (any real numbers), any shape",
+            "targets (probabilities), the input's shape",
+            "rescaling weight that broadcasts (right-aligned) to the input's shape",
+            ("pos_weight",),
+        ),
+        LossSpec(
+            "ce",
+            "cross_entropy",
+            "cross entropy on logits (log-softmax + negative log likelihood)",
+            "logits of shape (C,), (N, C) or (N, C, d1, ...); classes along dimension 1",
+            "class indices of shape (), (N,) or (N, d1, ...) (whole numbers), or class "
+            "probabilities of the input's shape",
+            "class weight of shape (C,)",
+            ("ignore_index", "label_smoothing"),
+        ),
+        LossSpec(
+            "nll",
+            "nll_loss",
+            "negative log likelihood of class indices under log-probabilities",
+            "log-probabilities of shape (C,), (N, C) or (N, C, d1, ...)",
+            "class indices of shape (), (N,) or (N, d1, ...) (whole numbers)",
+            "class weight of shape (C,)",
+            ("ignore_index",),
+        ),
+    )
+}
+
+
+@dataclass
+class Problem:
+    """Validated-by-the-CLI inputs of one loss call (NumPy arrays in the chosen dtype)."""
+
+    spec: LossSpec
+    input: NDArray
+    target: NDArray
+    weight: NDArray | None
+    pos_weight: NDArray | None
+    ignore_index: int
+    label_smoothing: float
+    reduction: str
+    dtype: np.dtype
+
+    @property
+    def probability_targets(self) -> bool:
+        """Cross entropy reads a target of the input's shape as class probabilities."""
+        return self.spec.command == "ce" and self.target.shape == self.input.shape
+
+    def kwargs(self, convert: Callable[[NDArray], object]) -> dict[str, object]:
+        """Keyword arguments after ``(input, target)``, with arrays passed through ``convert``."""
+        kw: dict[str, object] = {
+            "weight": None if self.weight is None else convert(self.weight),
+            "reduction": self.reduction,
+        }
+        if "pos_weight" in self.spec.options:
+            kw["pos_weight"] = None if self.pos_weight is None else convert(self.pos_weight)
+        if "ignore_index" in self.spec.options:
+            kw["ignore_index"] = self.ignore_index
+        if "label_smoothing" in self.spec.options:
+            kw["label_smoothing"] = self.label_smoothing
+        return kw
+
+    def call_torch_style(self, module: object) -> torch.Tensor:
+        """Call ``module.<function>`` (crossent.functional or torch.nn.functional)."""
+
+        def to_tensor(a: NDArray) -> torch.Tensor:
+            # A private copy: nothing the loss does can reach the caller's arrays.
+            return torch.from_numpy(np.array(a, copy=True))
+
+        fn = getattr(module, self.spec.function)
+        with torch.no_grad():
+            return fn(to_tensor(self.input), to_tensor(self.target), **self.kwargs(to_tensor))
+
+
+@dataclass
+class Outcome:
+    """A comparison implementation's result: a float64 value, or the error it raised."""
+
+    value: NDArray | None
+    error: str | None = None
+
+
+def _cast_float(values: NDArray, dtype: np.dtype, option: str) -> NDArray:
+    if values.dtype.kind == "f" and np.dtype(dtype).itemsize < values.dtype.itemsize:
+        finite = np.isfinite(values)
+        if np.any(np.abs(values[finite]) > np.finfo(dtype).max):
+            raise UsageError(
+                f"{option}: a value overflows {np.dtype(dtype).name} (largest "
+                f"{np.finfo(dtype).max:.4g}); use --dtype float64"
+            )
+    return values.astype(dtype)
+
+
+def build_problem(spec: LossSpec, args: argparse.Namespace) -> Problem:
+    """Read the option values and cast them the way the loss expects.
+
+    The input, weights and floating targets take ``--dtype``. For ``ce`` and ``nll``, whole-
+    number targets become int64 class indices, except that ``ce`` reads a target of the input's
+    shape as class probabilities (torch's rule). Other targets stay floating, and the library
+    rejects them with its own message.
+
+    Raises:
+        UsageError: unreadable values (see :func:`crossent.cli._values.read_values`).
+    """
+    dtype = np.dtype(args.dtype)
+    raw_input = read_values(args.input, "--input")
+    raw_target = read_values(args.target, "--target")
+    input = _cast_float(raw_input, dtype, "--input")
+    if spec.command in ("ce", "nll") and not (
+        spec.command == "ce" and raw_target.shape == raw_input.shape
+    ):
+        if is_integral(raw_target):
+            target = raw_target.astype(np.int64)
+            if input.ndim == 1 and target.shape == (1,):
+                target = target.reshape(())  # one class index for unbatched (C,) input
+        else:
+            target = _cast_float(raw_target, dtype, "--target")
+    else:
+        target = _cast_float(raw_target, dtype, "--target")
+    weight = None
+    if args.weight is not None:
+        weight = _cast_float(read_values(args.weight, "--weight"), dtype, "--weight")
+    pos_weight = None
+    if getattr(args, "pos_weight", None) is not None:
+        pos_weight = _cast_float(
+            read_values(args.pos_weight, "--pos-weight"), dtype, "--pos-weight"
+        )
+    return Problem(
+        spec=spec,
+        input=input,
+        target=target,
+        weight=weight,
+        pos_weight=pos_weight,
+        ignore_index=getattr(args, "ignore_index", -100),
+        label_smoothing=getattr(args, "label_smoothing", 0.0),
+        reduction=args.reduction,
+        dtype=dtype,
+    )
+
+
+def one_line(exc: BaseException) -> str:
+    """``TypeName: message`` on a single line."""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}"
+
+
+def run_crossent(problem: Problem) -> torch.Tensor:
+    """The loss from ``crossent.functional``.
+
+    Raises:
+        LossError: the library rejected the arguments; the message is the library's.
+    """
+    import crossent.functional
+
+    try:
+        return problem.call_torch_style(crossent.functional)
+    except LIBRARY_ERRORS as exc:
+        raise LossError(f"{problem.spec.function} raised {one_line(exc)}") from None
+
+
+def run_torch(problem: Problem) -> Outcome:
+    """The loss from ``torch.nn.functional`` (float64 copy of the result, or the error)."""
+    import torch.nn.functional as F
+
+    try:
+        out = problem.call_torch_style(F)
+    except LIBRARY_ERRORS as exc:
+        return Outcome(None, one_line(exc))
+    return Outcome(out.double().numpy())
+
+
+def run_reference(problem: Problem) -> Outcome:
+    """The loss from the NumPy float64 reference (``crossent.reference``)."""
+    from crossent import reference
+
+    fn = getattr(reference, problem.spec.function)
+    try:
+        out = fn(problem.input, problem.target, **problem.kwargs(lambda a: a))
+    except LIBRARY_ERRORS as exc:
+        return Outcome(None, one_line(exc))
+    return Outcome(np.asarray(out, dtype=np.float64))
+
+
+def max_abs_diff(a: NDArray, b: NDArray | None) -> float | None:
+    """``max |a - b|`` over all elements, treating equal non-finite values as equal.
+
+    ``None`` when ``b`` is missing or the shapes differ; NaN when one side is NaN and the other
+    is not.
+    """
+    if b is None or np.shape(a) != np.shape(b):
+        return None
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.size == 0:
+        return 0.0
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    with np.errstate(invalid="ignore"):
+        diff = np.where(same, 0.0, np.abs(a - b))
+    return float(np.max(diff))
