@@ -33,8 +33,10 @@ FloatArray = NDArray[np.floating]
 
 # torch clamps each log at -100 so that 0 * log(0) never becomes 0 * -inf = nan.
 LOG_CLAMP = -100.0
-# torch's floor for x(1 - x) in the BCE gradient (it underflows to 0 in float16: gradient ±inf).
-GRAD_EPS = 1e-12
+# torch's floor for x(1 - x) in the BCE gradient. It is the C++ float literal 1e-12f, so in
+# float64 it is float32(1e-12) = 9.999999960041972e-13, not 1e-12 (a 4e-9 relative difference at
+# the boundaries). In float16 it underflows to 0, so the boundary gradient is ±inf there.
+GRAD_EPS = float(np.float32(1e-12))
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,11 +149,14 @@ def binary_cross_entropy_grad(
 
     .. math::
 
-        \frac{\partial L}{\partial x} = g \, w \, \frac{x - y}{\max(x (1 - x), 10^{-12})}
+        \frac{\partial L}{\partial x} = g \, w \, \frac{x - y}{\max(x (1 - x), \epsilon)},
+        \qquad \epsilon = \texttt{float32}(10^{-12})
 
     where :math:`g` is ``grad_output`` (divided by numel for ``'mean'``). This is torch's
     formula, **not** the derivative of the clamped forward: at ``x = 0, y = 1`` the forward is
-    flat (clamped at 100) but the gradient is :math:`-10^{12}`. Where ``x = y`` it is 0.
+    flat (clamped at 100) but the gradient is :math:`-1/\epsilon \approx -10^{12}`. Where
+    ``x = y`` it is 0. :math:`\epsilon` is torch's C++ ``1e-12f``, a float32 constant even for
+    float64 inputs.
 
     Args:
         input, target, weight, reduction, dtype: as for :func:`binary_cross_entropy`.
@@ -297,7 +302,8 @@ def binary_cross_entropy_with_logits(
     logits, target, weight, pos_weight, reduction = _bce_logits_args(
         input, target, weight, reduction, pos_weight, dtype
     )
-    loss = (1 - target) * logits - _log_weight(target, pos_weight) * log_sigmoid(logits)
+    log_sig = log_sigmoid(logits, dtype=logits.dtype)
+    loss = (1 - target) * logits - _log_weight(target, pos_weight) * log_sig
     loss = loss * weight
     return reduce_loss(loss, reduction, logits.size)
 

@@ -57,7 +57,9 @@ def _class_dim(ndim: int) -> int:
 
 def _to_rows(x: FloatArray, class_dim: int) -> FloatArray:
     """``(N, C, d1..dk)`` -> ``(N·d1···dk, C)``: classes last, one row per prediction."""
-    return np.moveaxis(x, class_dim, -1).reshape(-1, x.shape[class_dim])
+    classes_last = np.moveaxis(x, class_dim, -1)
+    num_rows = int(np.prod(classes_last.shape[:-1]))  # explicit, so that C = 0 works too
+    return classes_last.reshape(num_rows, x.shape[class_dim])
 
 
 def _from_rows(rows: FloatArray, shape: tuple[int, ...], class_dim: int) -> FloatArray:
@@ -232,17 +234,24 @@ def _gather_index_targets(
     )
 
 
-def _index_loss(p: _IndexTargets, label_smoothing: float) -> FloatArray:
-    r"""Per-row loss :math:`(1-ε)\,\text{nll}_i + \frac{ε}{C}\,\text{smooth}_i`; 0 where ignored."""
+def _index_loss(p: _IndexTargets, label_smoothing: float, reduction: Reduction) -> FloatArray:
+    r"""The loss :math:`(1-ε) \cdot \mathrm{reduce(nll)} + (ε/C) \cdot \mathrm{reduce(smooth)}`.
+
+    Each part is reduced on its own, over the same denominator, and then combined, as torch does;
+    this order matters only when the summed target weight is 0 (then torch's ``-inf + inf`` is
+    NaN). Ignored rows contribute 0 to both parts.
+    """
     nll = np.zeros(len(p.target), p.log_probs.dtype)
     nll[p.keep] = -p.target_weight[p.keep] * p.target_log_prob[p.keep]
+    loss = reduce_loss(nll.reshape(p.loss_shape), reduction, p.total_weight)
     if label_smoothing == 0.0:
-        return nll.reshape(p.loss_shape)
+        return loss
     smooth = np.zeros(len(p.target), p.log_probs.dtype)
     smooth[p.keep] = -np.sum(p.class_weight * p.log_probs[p.keep], axis=1)
+    smooth_loss = reduce_loss(smooth.reshape(p.loss_shape), reduction, p.total_weight)
     # ε / C as an array so that C = 0 gives inf (then nan), as torch, not ZeroDivisionError.
     eps_per_class = np.asarray(label_smoothing, p.log_probs.dtype) / p.log_probs.shape[1]
-    return ((1 - label_smoothing) * nll + eps_per_class * smooth).reshape(p.loss_shape)
+    return (1 - label_smoothing) * loss + smooth_loss * eps_per_class
 
 
 def _index_grad_log_probs(
@@ -337,8 +346,7 @@ def nll_loss(
     Reference: torch.nn.functional.nll_loss (torch 2.13).
     """
     problem, reduction, _ = _nll_args(input, target, weight, ignore_index, reduction, dtype)
-    loss = _index_loss(problem, 0.0)
-    return reduce_loss(loss, reduction, problem.total_weight)
+    return _index_loss(problem, 0.0, reduction)
 
 
 @ieee_semantics
@@ -549,7 +557,7 @@ def cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, dtype
     )
     if isinstance(problem, _IndexTargets):
-        return reduce_loss(_index_loss(problem, eps), reduction, problem.total_weight)
+        return _index_loss(problem, eps, reduction)
     # Σ_c w_c y'_c log p_c per prediction; the loss is its negative. Negating after the reduction
     # keeps torch's sign of zero (an empty 'sum' is -0.).
     weighted = np.sum(problem.class_weight * problem.target * problem.log_probs, axis=1)
