@@ -620,6 +620,7 @@ class _Plan:
     target_weight: Tensor | None  # (N,) w_t in the compute dtype, 0 where ignored
     shard_weight: Tensor | None  # (V_r,) class weights of this shard's classes
     total_weight: float | Tensor  # W = Σ_c w_c over the global vocabulary (V without weight)
+    shard_total_weight: float | Tensor  # W_r = Σ_c w_c over this shard (V_r without weight)
 
     @staticmethod
     def build(
@@ -643,13 +644,13 @@ class _Plan:
             vocab = vocab.to(compute_dtype)
         if weight is None:
             target_weight = shard_weight = None
-            total_weight = vocab
+            total_weight, shard_total_weight = vocab, float(shard_size)
         else:
             weight = weight.to(compute_dtype)
             target_weight = torch.where(keep, weight[torch.where(keep, target, 0)], 0)
             columns = torch.arange(shard_size, device=weight.device) + layout.offset
             shard_weight = weight.index_select(0, columns)
-            total_weight = weight.sum()
+            total_weight, shard_total_weight = weight.sum(), shard_weight.sum()
         # Chunk temporaries per logit: the logits in the input dtype, their compute-dtype copy,
         # exponentials and gradient (compute dtype), the gradient in the input dtype.
         per_logit = 2 * torch.finfo(dtype).bits // 8 + 3 * torch.finfo(compute_dtype).bits // 8
@@ -668,6 +669,7 @@ class _Plan:
             target_weight=target_weight,
             shard_weight=shard_weight,
             total_weight=total_weight,
+            shard_total_weight=shard_total_weight,
         )
 
     def chunks(self) -> list[slice]:
@@ -675,68 +677,98 @@ class _Plan:
         return [slice(s, min(s + self.rows_per_chunk, n)) for s in range(0, n, self.rows_per_chunk)]
 
 
-def _shard_statistics(logits: Tensor, plan: _Plan, rows: slice) -> tuple[Tensor, ...]:
-    """Per-row statistics of one chunk of this shard's logits ``(n, V_r)``, compute dtype.
+def _shard_statistics(logits: Tensor, plan: _Plan, rows: slice) -> list[Tensor]:
+    """Per-row statistics of one chunk ``(n, V_r)`` of this shard's logits, compute dtype.
 
-    Returns ``lse_r`` (log-sum-exp over the shard), the target logit where this shard owns the
-    target (else 0), and ``Σ_c w_c x_c`` over the shard (only with label smoothing).
+    Returns ``m_r = max_c x_c`` (-inf for an empty shard), ``s_r = Σ_c e^{x_c - m_r}``, the
+    target logit where this shard owns the target (else 0) and, with label smoothing,
+    ``Σ_c w_c (m_r - x_c)`` (no cancellation: every term has the sign of ``w_c``).
     """
     n, shard_size = logits.shape
-    if shard_size == 0:  # an empty shard: e^{-inf} = 0 adds nothing to the global sum
-        lse = logits.new_full((n,), -math.inf)
-    else:
-        row_max = logits.amax(dim=1)  # (n,)
-        # A row of -inf would give -inf - -inf = nan; its lse_r is -inf. +inf and NaN propagate.
-        row_max = torch.where(row_max == -math.inf, 0.0, row_max)
-        lse = row_max + torch.exp(logits - row_max[:, None]).sum(dim=1).log()
-    if shard_size == 0:
-        target_logit = logits.new_zeros(n)
-    else:
-        target_logit = logits.gather(1, plan.local_target[rows]).squeeze(1)
-        target_logit = torch.where(plan.owns_target[rows], target_logit, 0.0)
-    stats = [lse, target_logit]
+    if shard_size == 0:  # an empty shard adds e^{-inf} = 0 to the global sum
+        row_max = logits.new_full((n,), -math.inf)
+        return [row_max, logits.new_zeros(n), logits.new_zeros(n)] + (
+            [logits.new_zeros(n)] if plan.label_smoothing > 0 else []
+        )
+    row_max = logits.amax(dim=1)  # (n,)
+    shift = _finite_shift(row_max)
+    sum_exp = torch.exp(logits - shift[:, None]).sum(dim=1)
+    target_logit = logits.gather(1, plan.local_target[rows]).squeeze(1)
+    stats = [row_max, sum_exp, torch.where(plan.owns_target[rows], target_logit, 0.0)]
     if plan.label_smoothing > 0:
-        weighted = logits if plan.shard_weight is None else logits * plan.shard_weight
-        stats.append(weighted.sum(dim=1))
-    return tuple(stats)
+        below_max = shift[:, None] - logits
+        if plan.shard_weight is not None:
+            below_max = below_max * plan.shard_weight
+        stats.append(below_max.sum(dim=1))
+    return stats
 
 
-def _combine_statistics(
-    lse_shard: Tensor, target_logit: Tensor, smooth: Tensor | None, group: dist.ProcessGroup
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Global ``lse``, target logit and ``S`` from every rank's: all-reduce MAX, then SUM."""
-    top = lse_shard.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    top = torch.where(top == -math.inf, 0.0, top)  # every shard -inf (or empty): keep -inf
-    parts = [torch.exp(lse_shard - top), target_logit] + ([] if smooth is None else [smooth])
+def _finite_shift(row_max: Tensor) -> Tensor:
+    """The max to subtract: 0 where it is -inf (all -inf would give -inf - -inf = NaN).
+
+    A row of -inf then has ``Σ e^{x - 0} = 0`` and log-sum-exp -inf; +inf and NaN propagate.
+    """
+    return torch.where(row_max == -math.inf, 0.0, row_max)
+
+
+@dataclass
+class _GlobalStats:
+    """Per-token statistics over the whole vocabulary, ``(N,)`` each, compute dtype.
+
+    ``log_softmax(x)_c = (x_c - shift) - log_sum``: the max and the log-sum-exp stay apart, so
+    that huge logits lose no digits (``lse = shift + log_sum`` would round ``log_sum`` away).
+    """
+
+    shift: Tensor  # global max logit (0 where every logit is -inf)
+    log_sum: Tensor  # log Σ_c e^{x_c - shift}
+    target_logit: Tensor  # x_t (0 where ignored)
+    smooth: Tensor | None  # Σ_c w_c (shift - x_c), with label smoothing only
+
+    @property
+    def lse(self) -> Tensor:
+        return self.shift + self.log_sum
+
+
+def _combine_statistics(stats: list[Tensor], plan: _Plan) -> _GlobalStats:
+    """Combine every rank's ``_shard_statistics``: one all-reduce MAX, then one SUM."""
+    row_max, sum_exp, target_logit = stats[:3]
+    shift = row_max.clone()  # (N,)
+    dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=plan.group)
+    shift = _finite_shift(shift)
+    # e^{m_r - m} rescales this shard's sum to the global max; an empty shard: e^{-inf} = 0.
+    parts = [sum_exp * torch.exp(row_max - shift), target_logit]
+    if plan.label_smoothing > 0:
+        # Σ_{c∈r} w_c (m - x_c) = Σ_{c∈r} w_c (m_r - x_c) + W_r (m - m_r)
+        parts.append(stats[3] + plan.shard_total_weight * (shift - _finite_shift(row_max)))
     summed = torch.stack(parts)  # (2 or 3, N): one message
-    dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
-    lse = top + summed[0].log()
-    return lse, summed[1], (summed[2] if smooth is not None else None)
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=plan.group)
+    smooth = summed[2] if plan.label_smoothing > 0 else None
+    return _GlobalStats(shift, summed[0].log(), summed[1], smooth)
 
 
-def _forward(plan: _Plan, chunk_logits) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Loss (reduced as asked, compute dtype), the per-token ``lse`` and the mean denominator.
+def _forward(plan: _Plan, chunk_logits) -> tuple[Tensor, _GlobalStats, Tensor | None]:
+    """Loss (reduced as asked, compute dtype), the global statistics, the mean denominator.
 
-    ``chunk_logits(rows)`` returns the shard's logits for those rows, in the compute dtype.
+    ``chunk_logits(rows)`` returns this shard's logits for those rows, in the compute dtype.
     """
     pieces = [_shard_statistics(chunk_logits(rows), plan, rows) for rows in plan.chunks()]
     if pieces:
         stats = [torch.cat(column) for column in zip(*pieces, strict=True)]
     else:  # N = 0
         empty = plan.keep.new_zeros(0, dtype=plan.compute_dtype)
-        stats = [empty] * (3 if plan.label_smoothing > 0 else 2)
-    smooth = stats[2] if plan.label_smoothing > 0 else None
-    lse, target_logit, smooth = _combine_statistics(stats[0], stats[1], smooth, plan.group)
+        stats = [empty] * (4 if plan.label_smoothing > 0 else 3)
+    glob = _combine_statistics(stats, plan)
 
     eps = plan.label_smoothing
-    loss = lse - target_logit  # (N,) -log p_t
+    loss = (glob.shift - glob.target_logit) + glob.log_sum  # (N,) -log p_t
     if plan.target_weight is not None:
         loss = loss * plan.target_weight
     if eps > 0:
-        loss = (1 - eps) * loss + (eps / plan.vocab) * (plan.total_weight * lse - smooth)
+        # -Σ_c w_c log p_c = Σ_c w_c (shift - x_c) + W log_sum
+        smooth = glob.smooth + plan.total_weight * glob.log_sum
+        loss = (1 - eps) * loss + (eps / plan.vocab) * smooth
     if plan.z_loss > 0:
-        loss = loss + plan.z_loss * lse.square()
+        loss = loss + plan.z_loss * glob.lse.square()
     loss = torch.where(plan.keep, loss, 0.0)  # ignored tokens: exactly 0, even for NaN logits
 
     denominator = None
@@ -746,7 +778,7 @@ def _forward(plan: _Plan, chunk_logits) -> tuple[Tensor, Tensor, Tensor | None]:
         kept = plan.keep.to(plan.compute_dtype)
         denominator = kept.sum() if plan.target_weight is None else plan.target_weight.sum()
         loss = loss.sum() / denominator  # 0/0 = NaN when every token is ignored, as in torch
-    return loss, lse, denominator
+    return loss, glob, denominator
 
 
 def _row_factors(
@@ -769,13 +801,19 @@ def _row_factors(
 
 
 def _shard_logit_grad(
-    logits: Tensor, lse: Tensor, g: Tensor, a: Tensor, plan: _Plan, rows: slice
+    logits: Tensor,
+    shift: Tensor,
+    log_sum: Tensor,
+    g: Tensor,
+    a: Tensor,
+    plan: _Plan,
+    rows: slice,
 ) -> Tensor:
     """Gradient ``(n, V_r)`` w.r.t. one chunk of this shard's logits, compute dtype.
 
-    Uses only local data and the saved global ``lse``: no communication.
+    Uses only local data and the saved global statistics: no communication.
     """
-    grad = torch.exp(logits - lse[:, None])  # softmax over the global vocabulary, this shard
+    grad = torch.exp((logits - shift[:, None]) - log_sum[:, None])  # global softmax, this shard
     grad *= (g * a)[:, None]
     eps = plan.label_smoothing
     if eps > 0:
@@ -798,21 +836,23 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         def chunk_logits(rows: slice) -> Tensor:
             return logits[rows].to(plan.compute_dtype)
 
-        loss, lse, denominator = _forward(plan, chunk_logits)
-        ctx.save_for_backward(logits, lse)
+        loss, glob, denominator = _forward(plan, chunk_logits)
+        ctx.save_for_backward(logits, glob.shift, glob.log_sum)
         ctx.plan, ctx.denominator = plan, denominator
         return loss.to(logits.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, None]:
-        logits, lse = ctx.saved_tensors
+        logits, shift, log_sum = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        g, a = _row_factors(plan, grad_output, lse, ctx.denominator)
+        g, a = _row_factors(plan, grad_output, shift + log_sum, ctx.denominator)
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         for rows in plan.chunks():
             chunk = logits[rows].to(plan.compute_dtype)
-            grad[rows] = _shard_logit_grad(chunk, lse[rows], g[rows], a[rows], plan, rows)
+            grad[rows] = _shard_logit_grad(
+                chunk, shift[rows], log_sum[rows], g[rows], a[rows], plan, rows
+            )
         return grad, None
 
 
@@ -829,18 +869,18 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         def chunk_logits(rows: slice) -> Tensor:
             return F.linear(input[rows], weight_shard, bias_shard).to(plan.compute_dtype)
 
-        loss, lse, denominator = _forward(plan, chunk_logits)
-        ctx.save_for_backward(input, weight_shard, bias_shard, lse)
+        loss, glob, denominator = _forward(plan, chunk_logits)
+        ctx.save_for_backward(input, weight_shard, bias_shard, glob.shift, glob.log_sum)
         ctx.plan, ctx.denominator = plan, denominator
         return loss.to(input.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        input, weight_shard, bias_shard, lse = ctx.saved_tensors
+        input, weight_shard, bias_shard, shift, log_sum = ctx.saved_tensors
         plan: _Plan = ctx.plan
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        g, a = _row_factors(plan, grad_output, lse, ctx.denominator)
+        g, a = _row_factors(plan, grad_output, shift + log_sum, ctx.denominator)
         # Weight and bias gradients accumulate over chunks in the compute dtype (fp32 for half).
         grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
         grad_input = grad_input if need_input else None
@@ -850,7 +890,9 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         for rows in plan.chunks():
             x = input[rows]  # (n, D)
             logits = F.linear(x, weight_shard, bias_shard).to(plan.compute_dtype)
-            grad_logits = _shard_logit_grad(logits, lse[rows], g[rows], a[rows], plan, rows)
+            grad_logits = _shard_logit_grad(
+                logits, shift[rows], log_sum[rows], g[rows], a[rows], plan, rows
+            )
             grad_logits_io = grad_logits.to(input.dtype)  # what torch's linear backward sees
             if grad_input is not None:
                 torch.mm(grad_logits_io, weight_shard, out=grad_input[rows])
