@@ -262,7 +262,7 @@ def _run_loss(args: argparse.Namespace) -> int:
         print("\n".join(_comparison_lines(ours, dtype, others)))
         print()
     label = f"{spec.function}(reduction={problem.reduction!r}, dtype={ours.dtype})"
-    if ours.ndim == 0 and problem.reduction != "none":
+    if ours.ndim == 0:
         print(f"{label} = {exact(ours, dtype)}")
     else:
         print(f"{label}, shape {tuple(ours.shape)}:")
