@@ -6,6 +6,8 @@ relative, 1e-12 absolute (near zero); NaN and ±inf must appear in the same plac
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import importlib.util
 import subprocess
 import sys
@@ -109,6 +111,12 @@ def test_import_crossent_reference_does_not_import_torch():
     if _run(f"import sys, crossent; {torch_loaded}") == "True":
         pytest.xfail("crossent/__init__.py imports torch eagerly; the reference cannot avoid it")
     assert _run(f"import sys, crossent.reference; {torch_loaded}") == "False"
+
+
+@pytest.mark.parametrize("module", ["numerics", "binary", "categorical"])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(importlib.import_module(f"crossent.reference.{module}"))
+    assert result.attempted > 0 and result.failed == 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -140,9 +140,10 @@ def log_softmax(
         [0.5, 0.5]
     """
     x = float_array(x, dtype)
-    # Why subtract the max first: then every shifted logit is <= 0, so e^{x - m} <= 1 never
-    # overflows, the sum is >= 1 so its log never underflows to -inf, and x_c - m is exact-ish
-    # where computing log(e^{x_c} / sum) would round small probabilities to 0 (log -> -inf).
+    # Why subtract the max first: every shifted logit is then <= 0, so e^{x - m} <= 1 cannot
+    # overflow, and the sum is >= 1 (the max contributes e^0 = 1), so its log is finite.
+    # Why not log(softmax(x)): e^{x_c - m} underflows to 0 for x_c - m < -745, and log(0) = -inf,
+    # whereas (x_c - m) - log(sum) stays finite and accurate however small the probability.
     shifted = x - np.max(x, axis=axis, keepdims=True, initial=-np.inf)
     return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 
