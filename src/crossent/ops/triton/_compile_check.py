@@ -1,0 +1,184 @@
+"""Compile every kernel variant for an NVIDIA GPU target, without a GPU, and report resources.
+
+    python -m crossent.ops.triton._compile_check [--arch 90] [--quick]
+
+Triton's NVIDIA backend (with its bundled ``ptxas``) compiles to a cubin on any machine, so
+compile errors that Triton's interpreter cannot see (type mismatches in loop-carried values,
+layouts, unsupported ops) surface here, and ``cuobjdump`` reports registers, local memory
+(spills) and shared memory per kernel. Run it with ``TRITON_INTERPRET`` unset: the kernels must
+be decorated for compilation. The tests run it in a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+_INT_ARGS_64 = {"stride_row", "stride_col"}
+
+
+def _signature(kernel, pointer_types: dict[str, str], constexprs: dict) -> dict[str, str]:
+    """Argument types by name: pointers from ``pointer_types``, floats, ints, constexprs."""
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointer_types.get(name, pointer_types["*"])
+        elif name == "softcap":
+            sig[name] = "fp32"
+        elif name in _INT_ARGS_64:
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _variants(quick: bool):
+    """(label, kernel, pointer types, constexprs, options) for each variant worth compiling."""
+    import triton.language as tl
+
+    from ._runtime import kernels
+
+    bce = kernels("bce_with_logits")
+    ce = kernels("cross_entropy")
+    lce = kernels("linear_cross_entropy")
+
+    out = []
+    ce_flags = [(True, True, True), (False, False, False)]
+    for dtype, ptr, compute in [("bf16", "*bf16", tl.float32), ("fp64", "*fp64", tl.float64)]:
+        if quick and dtype == "fp64":
+            continue
+        for softcap, smoothing, weight in ce_flags:
+            consts = dict(
+                HAS_SOFTCAP=softcap,
+                HAS_SMOOTHING=smoothing,
+                HAS_WEIGHT=weight,
+                COMPUTE=compute,
+                BLOCK_V=8192,
+            )
+            stats = "*fp64" if dtype == "fp64" else "*fp32"
+            ptrs = {
+                "*": stats,
+                "logits_ptr": ptr,
+                "class_weight_ptr": ptr,
+                "target_ptr": "*i64",
+                "grad_logits_ptr": ptr,
+            }
+            tag = f"{dtype} softcap={softcap} smooth={smoothing} weight={weight}"
+            out.append((f"ce.forward {tag}", ce._forward_kernel, ptrs, consts, dict(num_warps=16)))
+            out.append(
+                (f"ce.backward {tag}", ce._backward_kernel, ptrs, consts, dict(num_warps=16))
+            )
+    lce_cases = [("bf16", "*bf16", tl.float32), ("fp16", "*fp16", tl.float32)]
+    lce_cases += [("fp32", "*fp32", tl.float32)]
+    for dtype, ptr, compute in lce_cases:
+        if quick and dtype != "bf16":
+            continue
+        cfg = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+        if dtype == "fp32":
+            cfg = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2)
+        for flags in [True, False]:
+            consts = dict(
+                HAS_BIAS=flags,
+                HAS_SOFTCAP=flags,
+                HAS_SMOOTHING=flags,
+                HAS_WEIGHT=flags,
+                UPCAST_DOT=False,
+                IEEE_DOT=dtype == "fp32",
+                COMPUTE=compute,
+                BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_V=cfg["BLOCK_V"],
+                BLOCK_D=cfg["BLOCK_D"],
+            )
+            ptrs = {
+                "*": "*fp32",
+                "x_ptr": ptr,
+                "w_ptr": ptr,
+                "b_ptr": ptr,
+                "class_weight_ptr": ptr,
+                "target_ptr": "*i64",
+            }
+            options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            tag = f"{dtype} all-options={flags}"
+            out.append((f"lce.forward {tag}", lce._forward_kernel, ptrs, consts, options))
+            bwd = dict(consts, NEED_GRAD_X=True, NEED_GRAD_W=True, NEED_GRAD_B=flags, GROUP_N=8)
+            out.append((f"lce.backward {tag}", lce._backward_kernel, ptrs, bwd, options))
+    for ndim in (1, 2, 4):
+        for dtype, ptr in [("fp32", "*fp32"), ("bf16", "*bf16")]:
+            if quick and (dtype != "fp32" or ndim == 4):
+                continue
+            consts = dict(
+                HAS_WEIGHT=True,
+                HAS_POS_WEIGHT=True,
+                NDIM=ndim,
+                INDEX_64=False,
+                COMPUTE=tl.float32,
+                BLOCK=4096,
+            )
+            ptrs = {"*": ptr, "out_ptr": "*fp32"}
+            tag = f"{dtype} ndim={ndim}"
+            for reduce in (True, False):
+                fwd = dict(consts, REDUCE=reduce)
+                label = f"bce.forward {tag} reduce={reduce}"
+                out.append((label, bce._forward_kernel, ptrs, fwd, dict(num_warps=8)))
+            bwd = dict(consts, NEED_GRAD_X=True, NEED_GRAD_Y=True)
+            out.append((f"bce.backward {tag}", bce._backward_kernel, ptrs, bwd, dict(num_warps=8)))
+    return out
+
+
+def _resources(cubin: bytes, cuobjdump: str) -> dict[str, int]:
+    """REG / STACK / SHARED / LOCAL from ``cuobjdump -res-usage``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run(
+            [cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    return {k: int(v) for k, v in found.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile all variants; print one line per kernel; exit 1 if any failed to compile."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    parser.add_argument("--quick", action="store_true", help="a representative subset only")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the interpreter does not compile", file=sys.stderr)
+        return 2
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = 0
+    print(f"{'kernel':60s} {'regs':>5s} {'spill':>6s} {'smem':>7s}")
+    for label, kernel, ptrs, consts, options in _variants(args.quick):
+        try:
+            src = ASTSource(kernel, _signature(kernel, ptrs, consts), constexprs=consts)
+            compiled = triton.compile(src, target=target, options=options)
+        except Exception as exc:  # report every failure, then fail the run
+            failures += 1
+            print(f"{label:60s} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            continue
+        res = {}
+        if os.path.exists(cuobjdump):
+            res = _resources(compiled.asm["cubin"], cuobjdump)
+        print(
+            f"{label:60s} {res.get('REG', -1):5d} {res.get('LOCAL', -1):6d} "
+            f"{compiled.metadata.shared:7d}"
+        )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

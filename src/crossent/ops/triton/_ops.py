@@ -1,0 +1,373 @@
+"""The Triton kernels as torch custom ops, with fake (meta) kernels and autograd formulas.
+
+Registered with ``torch.library.custom_op`` so that ``torch.compile(fullgraph=True)`` traces code
+calling them without graph breaks: the compiler sees each op as one opaque node whose output
+shapes come from the ``register_fake`` functions, and the backward as another op.
+
+Cross entropy (on logits, or fused with the classifier matmul) is split in two layers:
+
+* an op computing three per-row statistics of the soft-capped logits ``z``: ``lse``, the target
+  logit ``z_t`` and the class-weighted logit sum ``Σ_c w_c z_c``; its backward is a kernel that
+  turns the statistics' gradients into the logits' (or input's and weight's) gradients;
+* :func:`loss_from_stats`, ordinary torch ops on (N,) vectors that build the loss from them —
+  class weights, ignore_index, label smoothing, z-loss and the reductions all live here, once,
+  and autograd differentiates them. The kernels need to know nothing about reductions.
+
+Nothing here reads tensor values on the host: no ``.item()``, no data-dependent branches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._runtime import check_runnable, compute_dtype, kernels
+
+# --------------------------------------------------------------------------- cross entropy
+
+
+@torch.library.custom_op("crossent::ce_stats", mutates_args=())
+def ce_stats(
+    logits: Tensor,
+    target: Tensor,
+    class_weight: Tensor | None,
+    softcap: float,
+    with_smoothing: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(lse, target logit, Σ_c w_c z_c) per row of ``z = softcap(logits)``, each (N,)."""
+    check_runnable(logits, target, class_weight)
+    return kernels("cross_entropy").forward(logits, target, class_weight, softcap, with_smoothing)
+
+
+@ce_stats.register_fake
+def _(logits, target, class_weight, softcap, with_smoothing):
+    n_rows = logits.shape[0]
+    dtype = compute_dtype(logits.dtype)
+    return tuple(logits.new_empty((n_rows,), dtype=dtype) for _ in range(3))
+
+
+@torch.library.custom_op("crossent::ce_stats_backward", mutates_args=())
+def ce_stats_backward(
+    logits: Tensor,
+    target: Tensor,
+    class_weight: Tensor | None,
+    lse: Tensor,
+    grad_lse: Tensor,
+    grad_target_logit: Tensor,
+    grad_smooth: Tensor,
+    softcap: float,
+    with_smoothing: bool,
+) -> Tensor:
+    """Gradient w.r.t. ``logits`` from the gradients of the three statistics; a new tensor."""
+    check_runnable(logits, target, class_weight, lse, grad_lse, grad_target_logit, grad_smooth)
+    return kernels("cross_entropy").backward(
+        logits,
+        target,
+        class_weight,
+        lse,
+        grad_lse,
+        grad_target_logit,
+        grad_smooth,
+        softcap,
+        with_smoothing,
+    )
+
+
+@ce_stats_backward.register_fake
+def _(logits, target, class_weight, lse, grad_lse, grad_target_logit, grad_smooth, *args):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _ce_setup_context(ctx, inputs, output):
+    logits, target, class_weight, softcap, with_smoothing = inputs
+    ctx.save_for_backward(logits, target, class_weight, output[0])
+    ctx.softcap = softcap
+    ctx.with_smoothing = with_smoothing
+
+
+def _ce_backward(ctx, grad_lse, grad_target_logit, grad_smooth):
+    logits, target, class_weight, lse = ctx.saved_tensors
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = ce_stats_backward(
+            logits,
+            target,
+            class_weight,
+            lse,
+            _zeros_if_none(grad_lse, lse),
+            _zeros_if_none(grad_target_logit, lse),
+            _zeros_if_none(grad_smooth, lse),
+            ctx.softcap,
+            ctx.with_smoothing,
+        )
+    return grad_logits, None, None, None, None
+
+
+ce_stats.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+# --------------------------------------------------------------------------- linear cross entropy
+
+
+@torch.library.custom_op("crossent::linear_ce_stats", mutates_args=())
+def linear_ce_stats(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    ignore_index: int,
+    softcap: float,
+    with_smoothing: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(lse, target logit, Σ_c w_c z_c) per row of ``z = softcap(input @ W.T + b)``; no N x V."""
+    check_runnable(input, linear_weight, linear_bias, target, class_weight)
+    return kernels("linear_cross_entropy").forward(
+        input, linear_weight, linear_bias, target, class_weight, softcap, with_smoothing
+    )
+
+
+@linear_ce_stats.register_fake
+def _(input, linear_weight, linear_bias, target, class_weight, ignore_index, softcap, smooth):
+    n_rows = input.shape[0]
+    dtype = compute_dtype(input.dtype)
+    return tuple(input.new_empty((n_rows,), dtype=dtype) for _ in range(3))
+
+
+@torch.library.custom_op("crossent::linear_ce_stats_backward", mutates_args=())
+def linear_ce_stats_backward(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    lse: Tensor,
+    grad_lse: Tensor,
+    grad_target_logit: Tensor,
+    grad_smooth: Tensor,
+    ignore_index: int,
+    softcap: float,
+    with_smoothing: bool,
+    need_grad_input: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias); one not asked for is an empty (0,) tensor."""
+    check_runnable(input, linear_weight, linear_bias, target, class_weight, lse, grad_lse)
+    return kernels("linear_cross_entropy").backward(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        class_weight,
+        lse,
+        grad_lse,
+        grad_target_logit,
+        grad_smooth,
+        ignore_index,
+        softcap,
+        with_smoothing,
+        need_grad_input,
+        need_grad_weight,
+        need_grad_bias,
+    )
+
+
+@linear_ce_stats_backward.register_fake
+def _(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    class_weight,
+    lse,
+    grad_lse,
+    grad_target_logit,
+    grad_smooth,
+    ignore_index,
+    softcap,
+    with_smoothing,
+    need_grad_input,
+    need_grad_weight,
+    need_grad_bias,
+):
+    need_grad_bias = need_grad_bias and linear_bias is not None
+    bias_dtype = linear_bias.dtype if linear_bias is not None else compute_dtype(input.dtype)
+    return (
+        input.new_empty(input.shape if need_grad_input else (0,)),
+        linear_weight.new_empty(linear_weight.shape if need_grad_weight else (0,)),
+        input.new_empty((linear_weight.shape[0],) if need_grad_bias else (0,), dtype=bias_dtype),
+    )
+
+
+def _lce_setup_context(ctx, inputs, output):
+    input, linear_weight, linear_bias, target, class_weight, ignore_index, softcap, smooth = inputs
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, output[0])
+    ctx.ignore_index = ignore_index
+    ctx.softcap = softcap
+    ctx.with_smoothing = smooth
+
+
+def _lce_backward(ctx, grad_lse, grad_target_logit, grad_smooth):
+    input, linear_weight, linear_bias, target, class_weight, lse = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grads: tuple[Tensor | None, ...] = (None, None, None)
+    if need_input or need_weight or need_bias:
+        grad_input, grad_weight, grad_bias = linear_ce_stats_backward(
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            class_weight,
+            lse,
+            _zeros_if_none(grad_lse, lse),
+            _zeros_if_none(grad_target_logit, lse),
+            _zeros_if_none(grad_smooth, lse),
+            ctx.ignore_index,
+            ctx.softcap,
+            ctx.with_smoothing,
+            need_input,
+            need_weight,
+            need_bias,
+        )
+        grads = (
+            grad_input if need_input else None,
+            grad_weight if need_weight else None,
+            grad_bias if need_bias and linear_bias is not None else None,
+        )
+    return (*grads, None, None, None, None, None)
+
+
+linear_ce_stats.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+
+
+def loss_from_stats(
+    lse: Tensor,
+    target_logit: Tensor,
+    smooth: Tensor,
+    target: Tensor,
+    class_weight: Tensor | None,
+    *,
+    n_classes: int,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """Cross entropy from the per-row statistics, with torch's conventions.
+
+    With ``keep_i = [t_i != ignore_index]``, ``w`` the class weight (1 if None), ``ε`` the label
+    smoothing and ``C`` the number of classes::
+
+        nll_i    = w_{t_i} * (lse_i - z_{i,t_i})                    = -w_t log_softmax(z)_t
+        smooth_i = (Σ_c w_c) * lse_i - Σ_c w_c z_ic                 = -Σ_c w_c log_softmax(z)_c
+        l_i      = keep_i * [(1 - ε) nll_i + (ε / C) smooth_i + z_loss * lse_i**2]
+        'mean'   = Σ_i l_i / Σ_i keep_i w_{t_i}     (NaN when every row is ignored, as torch)
+
+    The z-loss term is not class-weighted but shares the mean's denominator.
+    """
+    keep = target != ignore_index
+    nll = lse - target_logit
+    if class_weight is not None:
+        class_weight = class_weight.to(lse.dtype)
+        target_weight = class_weight[target.clamp(0, max(n_classes - 1, 0))]
+        loss = target_weight * nll
+    else:
+        target_weight = None
+        loss = nll
+    if label_smoothing > 0.0:
+        total_weight = class_weight.sum() if class_weight is not None else float(n_classes)
+        smooth_loss = total_weight * lse - smooth
+        loss = (1.0 - label_smoothing) * loss + (label_smoothing / n_classes) * smooth_loss
+    if z_loss != 0.0:
+        loss = loss + z_loss * lse.square()
+    loss = torch.where(keep, loss, 0.0)
+    if reduction == "none":
+        return loss.to(out_dtype)
+    total = loss.sum()
+    if reduction == "sum":
+        return total.to(out_dtype)
+    if target_weight is not None:
+        denominator = torch.where(keep, target_weight, 0.0).sum()
+    else:
+        denominator = keep.sum().to(lse.dtype)
+    return (total / denominator).to(out_dtype)
+
+
+# --------------------------------------------------------------------------- BCE with logits
+
+
+@torch.library.custom_op("crossent::bce_with_logits", mutates_args=())
+def bce_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    reduction: str,
+) -> Tensor:
+    """Binary cross entropy with logits, fused with its reduction; result in the target dtype."""
+    check_runnable(input, target, weight, pos_weight)
+    return kernels("bce_with_logits").forward(input, target, weight, pos_weight, reduction)
+
+
+@bce_with_logits.register_fake
+def _(input, target, weight, pos_weight, reduction):
+    shape = input.shape if reduction == "none" else ()
+    return input.new_empty(shape, dtype=target.dtype)
+
+
+@torch.library.custom_op("crossent::bce_with_logits_backward", mutates_args=())
+def bce_with_logits_backward(
+    grad: Tensor,
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    reduction: str,
+    need_grad_input: bool,
+    need_grad_target: bool,
+) -> tuple[Tensor, Tensor]:
+    """(grad_input, grad_target); one not asked for is an empty (0,) tensor."""
+    check_runnable(grad, input, target, weight, pos_weight)
+    return kernels("bce_with_logits").backward(
+        grad, input, target, weight, pos_weight, reduction, need_grad_input, need_grad_target
+    )
+
+
+@bce_with_logits_backward.register_fake
+def _(grad, input, target, weight, pos_weight, reduction, need_grad_input, need_grad_target):
+    return (
+        input.new_empty(input.shape if need_grad_input else (0,)),
+        target.new_empty(target.shape if need_grad_target else (0,)),
+    )
+
+
+def _bce_setup_context(ctx, inputs, output):
+    input, target, weight, pos_weight, reduction = inputs
+    ctx.save_for_backward(input, target, weight, pos_weight)
+    ctx.reduction = reduction
+
+
+def _bce_backward(ctx, grad):
+    input, target, weight, pos_weight = ctx.saved_tensors
+    need_input, need_target = ctx.needs_input_grad[:2]
+    grad_input = grad_target = None
+    if need_input or need_target:
+        grad_input, grad_target = bce_with_logits_backward(
+            grad, input, target, weight, pos_weight, ctx.reduction, need_input, need_target
+        )
+    return (
+        grad_input if need_input else None,
+        grad_target if need_target else None,
+        None,
+        None,
+        None,
+    )
+
+
+bce_with_logits.register_autograd(_bce_backward, setup_context=_bce_setup_context)

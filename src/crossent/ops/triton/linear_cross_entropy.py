@@ -1,0 +1,472 @@
+# Linear cross entropy: logits = input @ linear_weight.T + bias, fused with the softmax statistics.
+# - reads:  input (N, D), linear_weight (V, D), optional bias (V,), target (N,) int64, optional
+#           class weight (V,); the backward also reads lse (N,) and the upstream gradients of the
+#           three statistics (N,) each.
+# - writes: forward: per-(row, vocabulary split) partial statistics (N, S), combined on the host
+#           into lse, target logit and weighted logit sum, (N,) each. Backward: gradients w.r.t.
+#           input, linear_weight and bias, accumulated with atomic adds into zeroed float32
+#           buffers (float64 for float64 data) and cast to the parameters' dtypes at the end.
+# - assumes: logit tiles of BLOCK_N x BLOCK_V live only in registers (N x V logits never reach
+#           global memory); tl.dot accumulates in float32; 64-bit row/column offsets; rows whose
+#           target is ignore_index are skipped in the backward.
+"""Triton kernels for linear cross entropy (a classifier layer fused with cross entropy).
+
+Forward, per program (a block of BLOCK_N rows, one of S slices of the vocabulary): for each
+vocabulary tile, ``acc = X[rows] @ W[cols].T`` is accumulated over BLOCK_D slices of the hidden
+dimension (``tl.dot``, float32 accumulator), the bias is added and the soft-cap applied, and the
+tile is folded into a running max / rescaled sum of exponentials (online softmax), the target
+logit (picked out of the same tile, so it has exactly the precision of the log-sum-exp) and the
+class-weighted logit sum. The S partial results per row are merged on the host with one
+``logsumexp`` over (N, S) values; S is chosen so that enough programs exist to fill the GPU.
+
+Backward, per program (one BLOCK_N x BLOCK_V tile, grouped so that concurrent programs share
+input rows and weight tiles in L2): recompute the logit tile, form ::
+
+    dz = g_lse * softmax(z) + g_zt * onehot(t) + g_smooth * w       (times 1 - tanh^2 with softcap)
+
+then, for each BLOCK_D slice, ``dX[rows] += dz @ W[cols]`` and ``dW[cols] += dz.T @ X[rows]``
+(``tl.dot``, then atomic adds into float32 buffers) and ``db[cols] += Σ_rows dz``. No gradient
+filtering: every tile is computed, so the gradients are exact up to float32 rounding; the order
+of the atomic additions is not fixed, so the last bits may vary from run to run on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._helpers import dot_acc, softcap_tanh
+from ._runtime import compute_dtype, interpreting, sm_count, tl_dtype
+
+
+@triton.jit
+def _logit_tile(
+    x_ptr,
+    stride_xn,
+    stride_xd,
+    w_ptr,
+    stride_wv,
+    stride_wd,
+    b_ptr,
+    stride_b,
+    rows64,
+    row_mask,
+    cols64,
+    col_mask,
+    D,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """(BLOCK_N, BLOCK_V) tile of softcap(X @ W.T + b) in COMPUTE precision."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=COMPUTE)
+    dims = tl.arange(0, BLOCK_D)
+    for d_start in range(0, D, BLOCK_D):
+        d_offs = d_start + dims
+        d_mask = d_offs < D
+        x_tile = tl.load(
+            x_ptr + rows64[:, None] * stride_xn + d_offs[None, :] * stride_xd,
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_D)
+        w_tile = tl.load(
+            w_ptr + cols64[None, :] * stride_wv + d_offs[:, None] * stride_wd,
+            mask=col_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )  # (BLOCK_D, BLOCK_V): W transposed by addressing
+        acc = dot_acc(x_tile, w_tile, acc, UPCAST_DOT, IEEE_DOT)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols64 * stride_b, mask=col_mask, other=0.0).to(COMPUTE)
+        acc += bias[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap_tanh(acc, softcap)
+    return acc
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr,
+    stride_xn,
+    stride_xd,
+    w_ptr,
+    stride_wv,
+    stride_wd,
+    b_ptr,
+    stride_b,
+    target_ptr,
+    class_weight_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    part_target_ptr,
+    part_smooth_ptr,
+    N,
+    V,
+    D,
+    softcap,
+    tiles_per_split,
+    n_splits,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    target = tl.load(target_ptr + rows64, mask=row_mask, other=-1)
+
+    running_max = tl.full((BLOCK_N,), float("-inf"), COMPUTE)
+    running_sum = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+    target_logit = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+    smooth = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+    v_begin = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
+    for v_start in range(v_begin, v_end, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        cols64 = cols.to(tl.int64)
+        z = _logit_tile(
+            x_ptr, stride_xn, stride_xd, w_ptr, stride_wv, stride_wd, b_ptr, stride_b,
+            rows64, row_mask, cols64, col_mask, D, softcap,
+            HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, IEEE_DOT, COMPUTE, BLOCK_N, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(z, 1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(
+            tl.exp(z - shift[:, None]), 1
+        )
+        running_max = new_max
+        target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), 1)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(class_weight_ptr + cols64, mask=col_mask, other=0.0).to(COMPUTE)
+                smooth += tl.sum(tl.where(col_mask[None, :], w[None, :] * z, 0.0), 1)
+            else:
+                smooth += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+
+    out = rows64 * n_splits + split
+    tl.store(part_max_ptr + out, running_max, mask=row_mask)
+    tl.store(part_sum_ptr + out, running_sum, mask=row_mask)
+    tl.store(part_target_ptr + out, target_logit, mask=row_mask)
+    if HAS_SMOOTHING:
+        tl.store(part_smooth_ptr + out, smooth, mask=row_mask)
+
+
+@triton.jit
+def _backward_kernel(
+    x_ptr,
+    stride_xn,
+    stride_xd,
+    w_ptr,
+    stride_wv,
+    stride_wd,
+    b_ptr,
+    stride_b,
+    target_ptr,
+    class_weight_ptr,
+    lse_ptr,
+    grad_lse_ptr,
+    grad_target_logit_ptr,
+    grad_smooth_ptr,
+    grad_x_ptr,
+    grad_w_ptr,
+    grad_b_ptr,
+    N,
+    V,
+    D,
+    ignore_index,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    NEED_GRAD_X: tl.constexpr,
+    NEED_GRAD_W: tl.constexpr,
+    NEED_GRAD_B: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    # Grouped tile order: GROUP_N row blocks sweep the vocabulary together, so the programs
+    # running at one time share their input rows and weight tiles in L2.
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(N, BLOCK_N)
+    n_col_blocks = tl.cdiv(V, BLOCK_V)
+    tiles_per_group = GROUP_N * n_col_blocks
+    first_row_block = (pid // tiles_per_group) * GROUP_N
+    group_size = tl.minimum(n_row_blocks - first_row_block, GROUP_N)
+    pid_n = first_row_block + (pid % tiles_per_group) % group_size
+    pid_v = (pid % tiles_per_group) // group_size
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    target = tl.load(target_ptr + rows64, mask=row_mask, other=0)
+    active = row_mask & (target != ignore_index)
+    if tl.sum(active.to(tl.int32), 0) > 0:  # a tile of ignored (or padding) rows does nothing
+        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        cols64 = cols.to(tl.int64)
+        z = _logit_tile(
+            x_ptr, stride_xn, stride_xd, w_ptr, stride_wv, stride_wd, b_ptr, stride_b,
+            rows64, row_mask, cols64, col_mask, D, softcap,
+            HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, IEEE_DOT, COMPUTE, BLOCK_N, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+        lse = tl.load(lse_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
+        g_lse = tl.load(grad_lse_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
+        g_zt = tl.load(grad_target_logit_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
+        dz = g_lse[:, None] * tl.exp(z - lse[:, None])
+        dz += tl.where(cols[None, :] == target[:, None], g_zt[:, None], 0.0)
+        if HAS_SMOOTHING:
+            g_smooth = tl.load(grad_smooth_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
+            if HAS_WEIGHT:
+                w = tl.load(class_weight_ptr + cols64, mask=col_mask, other=0.0).to(COMPUTE)
+                dz += g_smooth[:, None] * w[None, :]
+            else:
+                dz += g_smooth[:, None]
+        if HAS_SOFTCAP:
+            tanh = z / softcap
+            dz = dz * (1.0 - tanh * tanh)
+        dz = tl.where(active[:, None] & col_mask[None, :], dz, 0.0)
+
+        if NEED_GRAD_B:
+            tl.atomic_add(grad_b_ptr + cols64, tl.sum(dz, 0), mask=col_mask, sem="relaxed")
+        dz_op = dz.to(x_ptr.dtype.element_ty)  # matmul operands in the data dtype, as torch
+        dims = tl.arange(0, BLOCK_D)
+        for d_start in range(0, D, BLOCK_D):
+            d_offs = d_start + dims
+            d_mask = d_offs < D
+            if NEED_GRAD_X:
+                w_tile = tl.load(
+                    w_ptr + cols64[:, None] * stride_wv + d_offs[None, :] * stride_wd,
+                    mask=col_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )  # (BLOCK_V, BLOCK_D)
+                part = dot_acc(
+                    dz_op, w_tile, tl.zeros((BLOCK_N, BLOCK_D), COMPUTE), UPCAST_DOT, IEEE_DOT
+                )
+                tl.atomic_add(
+                    grad_x_ptr + rows64[:, None] * D + d_offs[None, :],
+                    part,
+                    mask=row_mask[:, None] & d_mask[None, :],
+                    sem="relaxed",
+                )
+            if NEED_GRAD_W:
+                x_tile = tl.load(
+                    x_ptr + rows64[:, None] * stride_xn + d_offs[None, :] * stride_xd,
+                    mask=row_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )  # (BLOCK_N, BLOCK_D)
+                part = dot_acc(
+                    tl.trans(dz_op), x_tile, tl.zeros((BLOCK_V, BLOCK_D), COMPUTE),
+                    UPCAST_DOT, IEEE_DOT,
+                )  # fmt: skip
+                tl.atomic_add(
+                    grad_w_ptr + cols64[:, None] * D + d_offs[None, :],
+                    part,
+                    mask=col_mask[:, None] & d_mask[None, :],
+                    sem="relaxed",
+                )
+
+
+def _config(dtype: torch.dtype) -> dict[str, int]:
+    """Tile sizes and launch options.
+
+    Interpreter: the smallest tiles ``tl.dot`` accepts (16), so tests with small shapes still
+    cross tile edges. GPU (Hopper): 128 x 128 logit tiles, 64-wide hidden slices, 8 warps, for
+    16-bit data; smaller tiles for float32/float64, whose dots run without tensor-core
+    throughput. Untuned: to be revisited with benchmarks/bench_gpu.py.
+    """
+    if interpreting():
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, GROUP_N=2, num_warps=1, num_stages=1)
+    if dtype in (torch.float16, torch.bfloat16):
+        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, GROUP_N=8, num_warps=4, num_stages=2)
+
+
+def _dot_flags(dtype: torch.dtype) -> dict[str, bool]:
+    return dict(
+        UPCAST_DOT=interpreting() and dtype == torch.bfloat16,
+        IEEE_DOT=dtype in (torch.float32, torch.float64),
+    )
+
+
+def forward(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    softcap: float,
+    with_smoothing: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (lse, target logit, weighted logit sum) of ``softcap(input @ linear_weight.T + b)``.
+
+    Args:
+        input: (N, D) floating, any strides.
+        linear_weight: (V, D), same dtype as ``input``, any strides.
+        linear_bias: (V,) or None.
+        target: (N,) int64, contiguous.
+        class_weight: (V,) contiguous, or None.
+        softcap: cap of ``c * tanh(x / c)``, 0.0 for none.
+        with_smoothing: compute the weighted logit sum (else zeros).
+
+    Returns:
+        Three (N,) tensors in float32 (float64 for float64 data).
+    """
+    n_rows, hidden = input.shape
+    n_classes = linear_weight.shape[0]
+    stats_dtype = compute_dtype(input.dtype)
+    device = input.device
+    cfg = _config(input.dtype)
+    n_row_blocks = triton.cdiv(n_rows, cfg["BLOCK_N"])
+    n_col_tiles = triton.cdiv(n_classes, cfg["BLOCK_V"])
+    if n_rows == 0 or n_classes == 0:
+        lse = torch.full((n_rows,), float("-inf"), dtype=stats_dtype, device=device)
+        return lse, torch.zeros_like(lse), torch.zeros_like(lse)
+    # Split the vocabulary so that about two programs per SM exist even for short batches.
+    splits = max(1, min(n_col_tiles, triton.cdiv(2 * sm_count(device), n_row_blocks)))
+    tiles_per_split = triton.cdiv(n_col_tiles, splits)
+    splits = triton.cdiv(n_col_tiles, tiles_per_split)
+    partials = torch.zeros((4, n_rows, splits), dtype=stats_dtype, device=device)
+    part_max, part_sum, part_target, part_smooth = partials.unbind(0)
+    _forward_kernel[(n_row_blocks, splits)](
+        input,
+        input.stride(0),
+        input.stride(1),
+        linear_weight,
+        linear_weight.stride(0),
+        linear_weight.stride(1),
+        linear_bias if linear_bias is not None else input,
+        linear_bias.stride(0) if linear_bias is not None else 0,
+        target,
+        class_weight if class_weight is not None else input,
+        part_max,
+        part_sum,
+        part_target,
+        part_smooth,
+        n_rows,
+        n_classes,
+        hidden,
+        float(softcap),
+        tiles_per_split,
+        splits,
+        HAS_BIAS=linear_bias is not None,
+        HAS_SOFTCAP=softcap != 0.0,
+        HAS_SMOOTHING=with_smoothing,
+        HAS_WEIGHT=class_weight is not None,
+        COMPUTE=tl_dtype(stats_dtype),
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_V=cfg["BLOCK_V"],
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        **_dot_flags(input.dtype),
+    )
+    # Merge the vocabulary slices: lse = log Σ_s exp(max_s) * sum_s.
+    lse = torch.logsumexp(part_max + part_sum.log(), dim=1)
+    return lse, part_target.sum(dim=1), part_smooth.sum(dim=1)
+
+
+def backward(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor,
+    grad_target_logit: torch.Tensor,
+    grad_smooth: torch.Tensor,
+    ignore_index: int,
+    softcap: float,
+    with_smoothing: bool,
+    need_grad_input: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. input, linear_weight and bias from those of the three statistics.
+
+    Returns:
+        (grad_input (N, D), grad_weight (V, D), grad_bias (V,)) in the dtypes of input,
+        linear_weight and bias; a gradient not asked for is returned as an empty (0,) tensor.
+    """
+    n_rows, hidden = input.shape
+    n_classes = linear_weight.shape[0]
+    device = input.device
+    acc_dtype = compute_dtype(input.dtype)
+    need_grad_bias = need_grad_bias and linear_bias is not None
+    grad_x = torch.zeros(
+        (n_rows, hidden) if need_grad_input else (0,), dtype=acc_dtype, device=device
+    )
+    grad_w = torch.zeros(
+        (n_classes, hidden) if need_grad_weight else (0,), dtype=acc_dtype, device=device
+    )
+    grad_b = torch.zeros((n_classes,) if need_grad_bias else (0,), dtype=acc_dtype, device=device)
+    if n_rows > 0 and n_classes > 0 and (need_grad_input or need_grad_weight or need_grad_bias):
+        cfg = _config(input.dtype)
+        n_tiles = triton.cdiv(n_rows, cfg["BLOCK_N"]) * triton.cdiv(n_classes, cfg["BLOCK_V"])
+        _backward_kernel[(n_tiles,)](
+            input,
+            input.stride(0),
+            input.stride(1),
+            linear_weight,
+            linear_weight.stride(0),
+            linear_weight.stride(1),
+            linear_bias if linear_bias is not None else input,
+            linear_bias.stride(0) if linear_bias is not None else 0,
+            target,
+            class_weight if class_weight is not None else input,
+            lse,
+            grad_lse.contiguous(),
+            grad_target_logit.contiguous(),
+            grad_smooth.contiguous(),
+            grad_x,
+            grad_w,
+            grad_b,
+            n_rows,
+            n_classes,
+            hidden,
+            ignore_index,
+            float(softcap),
+            HAS_BIAS=linear_bias is not None,
+            HAS_SOFTCAP=softcap != 0.0,
+            HAS_SMOOTHING=with_smoothing,
+            HAS_WEIGHT=class_weight is not None,
+            NEED_GRAD_X=need_grad_input,
+            NEED_GRAD_W=need_grad_weight,
+            NEED_GRAD_B=need_grad_bias,
+            COMPUTE=tl_dtype(acc_dtype),
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_V=cfg["BLOCK_V"],
+            BLOCK_D=cfg["BLOCK_D"],
+            GROUP_N=cfg["GROUP_N"],
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+            **_dot_flags(input.dtype),
+        )
+    return (
+        grad_x.to(input.dtype),
+        grad_w.to(linear_weight.dtype),
+        grad_b.to(linear_bias.dtype) if linear_bias is not None else grad_b,
+    )
