@@ -47,7 +47,7 @@ GRAD_EPS = float(np.float32(1e-12))
 def _first_outside_unit_interval(values: FloatArray) -> str:
     """Describe the first element outside [0, 1] (NaN counts as outside)."""
     bad = np.argwhere(~((values >= 0) & (values <= 1)))[0]
-    return f"{values[tuple(bad)]!r} at index {tuple(int(i) for i in bad)}"
+    return f"{float(values[tuple(bad)])!r} at index {tuple(int(i) for i in bad)}"
 
 
 def _bce_args(
