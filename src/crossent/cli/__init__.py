@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -77,7 +78,7 @@ def _add_loss_parser(subparsers: argparse._SubParsersAction, spec: LossSpec) -> 
     p = subparsers.add_parser(
         spec.command,
         help=spec.title,
-        description=f"{spec.title} (crossent.functional.{spec.function}).",
+        description=f"{spec.title.capitalize()}, computed by crossent.functional.{spec.function}.",
         epilog=_LOSS_EPILOG.format(cmd=spec.command, example=_EXAMPLES[spec.command]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -330,6 +331,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except SystemExit as exc:  # --help and --version exit through argparse
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BrokenPipeError:
+        # The reader went away (``crossent demo | head``): nothing to report. Point stdout at
+        # /dev/null so that the interpreter's final flush does not raise again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return EXIT_LOSS_ERROR
     except UsageError as exc:
         _error(str(exc))
         return EXIT_USAGE

@@ -227,8 +227,8 @@ def _ce_section(report: DemoReport) -> None:
     report.lines += [
         "3. Cross entropy (reduction='mean'), logits x of shape (3, 5)",
         *(f"   x[{i}] = {vector(np.array(r))}" for i, r in enumerate(CE_LOGITS)),
-        f"   class indices t = {CE_TARGETS}",
-        *(f"   probabilities p[{i}] = {vector(np.array(r))}" for i, r in enumerate(CE_PROBS)),
+        f"   t = {CE_TARGETS} (class indices)",
+        *(f"   p[{i}] = {vector(np.array(r))} (probabilities)" for i, r in enumerate(CE_PROBS)),
         *table(_HEADERS, rows, indent="   "),
         "",
     ]

@@ -67,7 +67,7 @@ def _elementwise_reduction(exp: Explanation, loss: NDArray, reduction: str, weig
         )
         if weighted:
             exp.lines.append(
-                "  (the weight scales each element; the mean still divides by the element count)"
+                "  (weights scale the elements; the mean still divides by the element count)"
             )
 
 
