@@ -3,35 +3,42 @@
 When the classifier of a language model is sharded by vocabulary rows (tensor parallelism), each
 rank holds the logits of a contiguous slice of the vocabulary: rank ``r`` owns classes
 ``[offset_r, offset_r + V_r)``, the slices in rank order, sizes free to differ between ranks.
-The cross entropy needs only three numbers per token from each rank, so it never gathers the
-``N x V`` logits:
+The cross entropy needs only a few numbers per token from each rank, so it never gathers the
+``N x V`` logits. Each rank computes over its shard (one pass, chunked over tokens)
 
 .. math::
 
-    \\mathrm{lse}_r = \\log \\sum_{c \\in r} e^{x_c}, \\qquad
-    \\mathrm{lse} = \\log \\sum_r e^{\\mathrm{lse}_r}
-                  = M + \\log \\sum_r e^{\\mathrm{lse}_r - M}, \\quad M = \\max_r \\mathrm{lse}_r
+    m_r = \\max_{c \\in r} x_c, \\qquad s_r = \\sum_{c \\in r} e^{x_c - m_r}, \\qquad
+    x_t \\text{ if } t \\in r, \\qquad \\sum_{c \\in r} w_c (m_r - x_c)
 
-    x_t = \\sum_r [t \\in r]\\, x_t, \\qquad S = \\sum_r \\sum_{c \\in r} w_c x_c
-
-with one all-reduce MAX (``M``) and one all-reduce SUM (``e^{lse_r - M}``, ``x_t`` and, with label
-smoothing, ``S``). The loss of a token with global target ``t`` that is not ignored is then
+and the group combines them with one all-reduce MAX and one all-reduce SUM:
 
 .. math::
 
-    \\ell = (1-\\varepsilon)\\, w_t (\\mathrm{lse} - x_t)
-          + \\frac{\\varepsilon}{V} \\Big(W\\,\\mathrm{lse} - S\\Big) + z\\,\\mathrm{lse}^2,
-    \\qquad W = \\sum_{c<V} w_c
+    m = \\max_r m_r, \\qquad L = \\log \\sum_r s_r e^{m_r - m}, \\qquad \\mathrm{lse} = m + L,
+    \\qquad \\Sigma = \\sum_c w_c (m - x_c) = \\sum_r \\Big[\\sum_{c \\in r} w_c (m_r - x_c)
+    + W_r (m - m_r)\\Big]
 
-which is PyTorch's index-target cross entropy with label smoothing ``ε`` spread over the GLOBAL
-vocabulary ``V`` (Megatron's ``ε/V_r`` is a bug), plus an optional z-loss (PaLM) that class
-weights do not scale. ``'mean'`` divides the sum by ``Σ w_t`` over non-ignored tokens (their
+The loss of a token with global target ``t`` that is not ignored is then
+
+.. math::
+
+    \\ell = (1-\\varepsilon)\\, w_t \\big((m - x_t) + L\\big)
+          + \\frac{\\varepsilon}{V} \\big(\\Sigma + W L\\big) + z\\,\\mathrm{lse}^2,
+    \\qquad W = \\sum_{c<V} w_c, \\quad W_r = \\sum_{c \\in r} w_c
+
+(``w = 1`` without class weights). The max ``m`` and ``L`` stay apart, as in torch's
+``log_softmax``, so that huge logits lose no digits to ``m + L``. This is PyTorch's
+index-target cross entropy with label smoothing ``ε`` spread over the GLOBAL vocabulary ``V``
+(Megatron's ``ε/V_r`` is a bug), plus an optional z-loss (PaLM) that class weights do not
+scale. ``'mean'`` divides the sum by ``Σ w_t`` over non-ignored tokens (their
 count without weights); all tokens ignored gives NaN with zero gradients, as in torch.
 
-The gradient w.r.t. this rank's logits is local (``p = e^{x - lse}`` with the saved global
-``lse``), so the backward of :func:`vocab_parallel_cross_entropy` needs no communication. For
+The gradient w.r.t. this rank's logits is local (``p = e^{(x - m) - L}`` with the saved ``m``
+and ``L``), so the backward of :func:`vocab_parallel_cross_entropy` needs no communication. For
 :func:`vocab_parallel_linear_cross_entropy` the replicated input's gradient is a sum over ranks
-(one all-reduce); the weight shard's gradient is local.
+(one all-reduce); the weight shard's gradient is local. Per token and rank the forward sends
+``1 + 2`` floats (``+1`` with label smoothing): O(N), never O(N x V).
 
 Validation is collective: every rank checks its own arguments, one small all-gather exchanges
 the shard sizes together with an error code, the message and a few fingerprints (token count,
@@ -98,8 +105,8 @@ def vocab_parallel_cross_entropy(
 
     Args:
         logits_shard: ``(*, V_r)`` logits of this rank's classes ``[offset, offset + V_r)``;
-            ``(N, V_r)`` or ``(B, T, V_r)`` typically. Any floating dtype; the softmax statistics
-            are computed in float32 for float16/bfloat16 (float64 stays float64).
+            ``(N, V_r)`` or ``(B, T, V_r)`` typically. float16, bfloat16, float32 or float64;
+            the softmax statistics are computed in float32 for float16/bfloat16.
         target: ``(*)`` int64 or uint8 global class indices in ``[0, V)`` or ``ignore_index``;
             shape ``logits_shard.shape[:-1]``, identical on every rank.
         group: the process group the vocabulary is sharded over (default: the world).
@@ -692,7 +699,7 @@ def _shard_statistics(logits: Tensor, plan: _Plan, rows: slice) -> list[Tensor]:
         )
     row_max = logits.amax(dim=1)  # (n,)
     shift = _finite_shift(row_max)
-    sum_exp = torch.exp(logits - shift[:, None]).sum(dim=1)
+    sum_exp = (logits - shift[:, None]).exp_().sum(dim=1)
     target_logit = logits.gather(1, plan.local_target[rows]).squeeze(1)
     stats = [row_max, sum_exp, torch.where(plan.owns_target[rows], target_logit, 0.0)]
     if plan.label_smoothing > 0:
@@ -813,7 +820,7 @@ def _shard_logit_grad(
 
     Uses only local data and the saved global statistics: no communication.
     """
-    grad = torch.exp((logits - shift[:, None]) - log_sum[:, None])  # global softmax, this shard
+    grad = (logits - shift[:, None]).sub_(log_sum[:, None]).exp_()  # global softmax, this shard
     grad *= (g * a)[:, None]
     eps = plan.label_smoothing
     if eps > 0:
