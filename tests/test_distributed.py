@@ -220,6 +220,10 @@ def _run_bad(rank: int, world: int, case: dict) -> dict:
             kwargs["weight"] = kwargs["weight"].to(getattr(torch, value))
         elif key == "target_dtype":
             tensors["target"] = tensors["target"].to(getattr(torch, value))
+        elif key == "weight_requires_grad":
+            kwargs["weight"] = kwargs["weight"].clone().requires_grad_()
+        elif key == "target_shape":
+            tensors["target"] = tensors["target"][:-1]
         elif key == "input_requires_grad":
             tensors["input"] = tensors["input"].clone().requires_grad_(value)
         else:
@@ -479,6 +483,7 @@ def test_linear_cross_entropy_grid(pools, world):
             id="all-ignored-weighted-smoothed",
         ),  # fmt: skip
         pytest.param({"shape": [0]}, id="empty-batch"),
+        pytest.param({"shape": []}, id="unbatched"),
         pytest.param({"scale": 300.0}, id="large-logits"),
         pytest.param({"offset": 1e6, "label_smoothing": 0.1}, id="huge-offset"),
         pytest.param({"offset": -1e6, "z_loss": 1e-9}, id="huge-negative-offset"),
@@ -571,6 +576,9 @@ BAD = [
     ("reduction-differs", "ce", {"1": {"reduction": "sum"}}, "ValueError", "reduction"),
     ("ignore-index-not-int", "ce", {"1": {"ignore_index": None}}, "TypeError", "ignore_index"),
     ("target-dtype", "ce", {"0": {"target_dtype": "int32"}}, "RuntimeError", "Long or Byte"),
+    ("weight-requires-grad", "ce", {"1": {"weight_requires_grad": True}}, "RuntimeError",
+     "requires_grad"),
+    ("target-shape", "ce", {"0": {"target_shape": True}}, "ValueError", "shape"),
     ("negative-z-loss", "ce", {"1": {"z_loss": -1.0}}, "ValueError", "z_loss"),
     ("linear-target-out-of-range", "linear",
      {"0": {"target_value": [0, 70]}, "1": {"target_value": [0, 70]}},
