@@ -60,7 +60,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from crossent._checks import Reduction, check_ignore_index, check_reduction
+from crossent._checks import (
+    Reduction,
+    check_floating,
+    check_ignore_index,
+    check_index_target_dtype,
+    check_label_smoothing,
+    check_not_differentiable,
+    check_reduction,
+    scalar_type_name,
+)
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
@@ -248,19 +257,20 @@ def _check_options(
     ignore_index = check_ignore_index(ignore_index, "vocab_parallel_cross_entropy")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
-    if label_smoothing > 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    label_smoothing = check_label_smoothing(label_smoothing)  # > 1 raises, < 0 means 0
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
         raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
     if not (math.isfinite(z_loss) and z_loss >= 0.0):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return _Options(
-        reduction, ignore_index, max(float(label_smoothing), 0.0), float(z_loss), chunk_size
-    )
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(
+                f"chunk_size must be None or an int (rows per chunk), got "
+                f"{type(chunk_size).__name__}"
+            )
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 (rows per chunk), got {chunk_size}")
+    return _Options(reduction, ignore_index, label_smoothing, float(z_loss), chunk_size)
 
 
 def _require_tensor(value: object, name: str) -> None:
@@ -272,11 +282,7 @@ def _check_target(
     target: Tensor, expected_shape: torch.Size, device: torch.device, what: str
 ) -> None:
     _require_tensor(target, "target")
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(
-            "expected target dtype to be Long or Byte (int64 or uint8 class indices), "
-            f"but got {target.dtype}"
-        )
+    check_index_target_dtype(target)
     if target.shape != expected_shape:
         raise ValueError(
             f"Expected target of shape {what}.shape[:-1] = {list(expected_shape)}, "
@@ -288,7 +294,8 @@ def _check_target(
 
 def _check_logits_target(logits: Tensor, target: Tensor) -> None:
     _require_tensor(logits, "logits_shard")
-    if logits.dtype not in _FLOAT_DTYPES:
+    check_floating(logits, "vocab_parallel_cross_entropy")
+    if logits.dtype not in _FLOAT_DTYPES:  # float8 and friends
         raise NotImplementedError(
             f"vocab_parallel_cross_entropy is not implemented for {logits.dtype} logits_shard; "
             "expected float16, bfloat16, float32 or float64"
@@ -303,7 +310,8 @@ def _check_logits_target(logits: Tensor, target: Tensor) -> None:
 def _check_linear(input: Tensor, weight_shard: Tensor, bias: Tensor | None, target: Tensor) -> None:
     _require_tensor(input, "input")
     _require_tensor(weight_shard, "weight_shard")
-    if input.dtype not in _FLOAT_DTYPES:
+    check_floating(input, "vocab_parallel_linear_cross_entropy")
+    if input.dtype not in _FLOAT_DTYPES:  # float8 and friends
         raise NotImplementedError(
             f"vocab_parallel_linear_cross_entropy is not implemented for {input.dtype} input; "
             "expected float16, bfloat16, float32 or float64"
@@ -351,16 +359,13 @@ def _check_class_weight(weight: Tensor | None, reference: Tensor) -> None:
         )
     if weight.dtype != reference.dtype:
         raise RuntimeError(
-            f"expected scalar type {reference.dtype} but found {weight.dtype}: the class weight "
-            "must have the logits' dtype"
+            f"expected scalar type {scalar_type_name(reference.dtype)} but found "
+            f"{scalar_type_name(weight.dtype)}: the class weight must have the logits' dtype "
+            f"({reference.dtype}), got {weight.dtype}"
         )
     if weight.device != reference.device:
         raise RuntimeError(f"weight is on {weight.device}, expected {reference.device}")
-    if weight.requires_grad:
-        raise RuntimeError(
-            "vocab_parallel_cross_entropy is not differentiable with respect to argument "
-            "'weight'. This input cannot have requires_grad True."
-        )
+    check_not_differentiable("vocab_parallel_cross_entropy", "weight", weight)
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,10 +533,11 @@ def _check_agreement(info: list[dict[str, int]]) -> None:
         return next((r for r, row in enumerate(info) if row[field] != first[field]), None)
 
     if (r := differing("dtype")) is not None:
+        expected, found = _FLOAT_DTYPES[first["dtype"]], _FLOAT_DTYPES[info[r]["dtype"]]
         raise RuntimeError(
-            f"expected scalar type {_FLOAT_DTYPES[first['dtype']]} on every rank, but found "
-            f"{_FLOAT_DTYPES[info[r]['dtype']]} on rank {r} (rank 0 has "
-            f"{_FLOAT_DTYPES[first['dtype']]}): all shards must share one dtype"
+            f"expected scalar type {scalar_type_name(expected)} but found "
+            f"{scalar_type_name(found)}: every rank must use one dtype, but rank 0 has {expected} "
+            f"and rank {r} has {found}"
         )
     if (r := differing("tokens")) is not None:
         raise ValueError(
