@@ -13,8 +13,9 @@ Two tables, forward + backward each:
 Time: the median of several repeats, the variants interleaved round by round so that the
 noise of a shared machine hits them alike. Memory: each variant runs once in a fresh
 subprocess; peak extra = the RSS high-water mark after the call (``VmHWM``, reset just before
-the call; ``ru_maxrss`` where that is not possible) minus the resident set size before it. Inputs, weights and libraries are loaded before the
-"before" reading; gradients, which every variant must produce, count in the extra.
+the call; ``ru_maxrss`` where that is not possible) minus the resident set size before it.
+Inputs, weights and libraries are loaded before the "before" reading; gradients, which every
+variant must produce, count in the extra.
 
 Usage::
 

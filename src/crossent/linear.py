@@ -19,28 +19,13 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from crossent import _checks
+from crossent._backend import select_backend
+from crossent.ops import triton as triton_ops
 from crossent.ops.chunked import linear_cross_entropy_chunked
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
 _FN = "linear_cross_entropy"
-
-
-def _select_backend(*tensors: Tensor | None) -> str:
-    try:
-        from crossent._backend import select_backend
-    except ImportError:  # the dispatch module is written in parallel; torch until it lands
-        return "torch"
-    return select_backend(*tensors)
-
-
-def _triton_kernel():
-    """``crossent.ops.triton.linear_cross_entropy``, or None while it does not exist."""
-    try:
-        from crossent.ops import triton as triton_ops
-    except ImportError:
-        return None
-    return getattr(triton_ops, "linear_cross_entropy", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,10 +101,12 @@ def _check_shapes(
                 f"0D or 1D target tensor expected, multi-target not supported: {message}"
             )
         batch = target.shape[0] if target.dim() > 0 else 0
-        raise ValueError(
-            f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
-            f"({batch}): {message}"
-        )
+        if batch != input.shape[0]:
+            raise ValueError(
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                f"({batch}): {message}"
+            )
+        raise ValueError(f"target shape mismatch: {message}")
 
 
 def _check_dtypes(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> None:
@@ -299,12 +286,10 @@ def linear_cross_entropy(
         softcap=softcap,
     )
 
-    loss = None
-    if _select_backend(input, linear_weight, target, linear_bias, weight) == "triton":
-        kernel = _triton_kernel()
-        if kernel is not None:
-            loss = kernel(x2d, linear_weight, t1d, **options)
-    if loss is None:
+    if select_backend(input, linear_weight, target, linear_bias, weight) == "triton":
+        # CUDA tensors (or CROSSENT_BACKEND=triton): tiles in SRAM, chunk_size does not apply.
+        loss = triton_ops.linear_cross_entropy(x2d, linear_weight, t1d, **options)
+    else:
         loss = linear_cross_entropy_chunked(
             x2d, linear_weight, t1d, chunk_size=chunk_size, **options
         )
