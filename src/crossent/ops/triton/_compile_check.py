@@ -4,9 +4,10 @@
 
 Triton's NVIDIA backend (with its bundled ``ptxas``) compiles to a cubin on any machine, so
 compile errors that Triton's interpreter cannot see (type mismatches in loop-carried values,
-layouts, unsupported ops) surface here, and ``cuobjdump`` reports registers, local memory
-(spills) and shared memory per kernel. Run it with ``TRITON_INTERPRET`` unset: the kernels must
-be decorated for compilation. The tests run it in a subprocess.
+layouts, unsupported ops) surface here, and ``cuobjdump`` reports per kernel the registers, the
+stack frame (bytes per thread; beyond a few bytes it means spills), shared memory, and the count
+of tensor-core instructions (HGMMA on sm_90) in the SASS. Run it with ``TRITON_INTERPRET`` unset:
+the kernels must be decorated for compilation. The tests run it in a subprocess.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def _signature(kernel, pointer_types: dict[str, str], constexprs: dict) -> dict[
 
 def _variants(quick: bool):
     """(label, kernel, pointer types, constexprs, options) for each variant worth compiling."""
+    import torch
     import triton.language as tl
 
     from ._runtime import kernels
@@ -50,6 +52,7 @@ def _variants(quick: bool):
     lce = kernels("linear_cross_entropy")
 
     out = []
+    ce_block, ce_warps = ce._launch_config(128256)  # the GPU launch configuration
     ce_flags = [(True, True, True), (False, False, False)]
     for dtype, ptr, compute in [("bf16", "*bf16", tl.float32), ("fp64", "*fp64", tl.float64)]:
         if quick and dtype == "fp64":
@@ -60,7 +63,7 @@ def _variants(quick: bool):
                 HAS_SMOOTHING=smoothing,
                 HAS_WEIGHT=weight,
                 COMPUTE=compute,
-                BLOCK_V=8192,
+                BLOCK_V=ce_block,
             )
             stats = "*fp64" if dtype == "fp64" else "*fp32"
             ptrs = {
@@ -71,19 +74,17 @@ def _variants(quick: bool):
                 "grad_logits_ptr": ptr,
             }
             tag = f"{dtype} softcap={softcap} smooth={smoothing} weight={weight}"
-            out.append((f"ce.forward {tag}", ce._forward_kernel, ptrs, consts, dict(num_warps=16)))
-            out.append(
-                (f"ce.backward {tag}", ce._backward_kernel, ptrs, consts, dict(num_warps=16))
-            )
+            options = dict(num_warps=ce_warps)
+            out.append((f"ce.forward {tag}", ce._forward_kernel, ptrs, consts, options))
+            out.append((f"ce.backward {tag}", ce._backward_kernel, ptrs, consts, options))
     lce_cases = [("bf16", "*bf16", tl.float32), ("fp16", "*fp16", tl.float32)]
     lce_cases += [("fp32", "*fp32", tl.float32)]
     for dtype, ptr, compute in lce_cases:
         if quick and dtype != "bf16":
             continue
-        cfg = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
-        if dtype == "fp32":
-            cfg = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2)
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
         for flags in [True, False]:
+            cfg = lce._config(torch_dtype[dtype], backward=False)
             consts = dict(
                 HAS_BIAS=flags,
                 HAS_SOFTCAP=flags,
@@ -107,8 +108,13 @@ def _variants(quick: bool):
             options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             tag = f"{dtype} all-options={flags}"
             out.append((f"lce.forward {tag}", lce._forward_kernel, ptrs, consts, options))
-            bwd = dict(consts, NEED_GRAD_X=True, NEED_GRAD_W=True, NEED_GRAD_B=flags, GROUP_N=8)
+            cfg = lce._config(torch_dtype[dtype], backward=True)
+            bwd = dict(consts, NEED_GRAD_X=True, NEED_GRAD_W=True, NEED_GRAD_B=flags)
+            bwd.update(BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"])
+            bwd.update(GROUP_N=cfg["GROUP_N"])
+            options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             out.append((f"lce.backward {tag}", lce._backward_kernel, ptrs, bwd, options))
+    bce_block, bce_warps = bce._block()
     for ndim in (1, 2, 4):
         for dtype, ptr in [("fp32", "*fp32"), ("bf16", "*bf16")]:
             if quick and (dtype != "fp32" or ndim == 4):
@@ -119,29 +125,34 @@ def _variants(quick: bool):
                 NDIM=ndim,
                 INDEX_64=False,
                 COMPUTE=tl.float32,
-                BLOCK=4096,
+                BLOCK=bce_block,
             )
             ptrs = {"*": ptr, "out_ptr": "*fp32"}
             tag = f"{dtype} ndim={ndim}"
             for reduce in (True, False):
                 fwd = dict(consts, REDUCE=reduce)
                 label = f"bce.forward {tag} reduce={reduce}"
-                out.append((label, bce._forward_kernel, ptrs, fwd, dict(num_warps=8)))
+                out.append((label, bce._forward_kernel, ptrs, fwd, dict(num_warps=bce_warps)))
             bwd = dict(consts, NEED_GRAD_X=True, NEED_GRAD_Y=True)
-            out.append((f"bce.backward {tag}", bce._backward_kernel, ptrs, bwd, dict(num_warps=8)))
+            options = dict(num_warps=bce_warps)
+            out.append((f"bce.backward {tag}", bce._backward_kernel, ptrs, bwd, options))
     return out
 
 
 def _resources(cubin: bytes, cuobjdump: str) -> dict[str, int]:
-    """REG / STACK / SHARED / LOCAL from ``cuobjdump -res-usage``."""
+    """REG / STACK / SHARED from ``cuobjdump -res-usage``; MMA = tensor-core instructions."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run(
+        usage = subprocess.run(
             [cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True
         ).stdout
-    found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
-    return {k: int(v) for k, v in found.items()}
+        sass = subprocess.run(
+            [cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    found = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    found["MMA"] = len(re.findall(r"\b(?:HGMMA|HMMA|DMMA)\.", sass))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,21 +172,24 @@ def main(argv: list[str] | None = None) -> int:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    print(f"{'kernel':60s} {'regs':>5s} {'spill':>6s} {'smem':>7s}")
+    print(f"{'kernel':58s} {'regs':>5s} {'stack':>6s} {'smem':>7s} {'mma':>5s}")
     for label, kernel, ptrs, consts, options in _variants(args.quick):
         try:
             src = ASTSource(kernel, _signature(kernel, ptrs, consts), constexprs=consts)
+            # FMA contraction on, as Triton 3.9 launches do by default (saying so silences its
+            # warning about the default changing in 3.10).
+            options = dict(options, enable_fp_fusion=True)
             compiled = triton.compile(src, target=target, options=options)
         except Exception as exc:  # report every failure, then fail the run
             failures += 1
-            print(f"{label:60s} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            print(f"{label:58s} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             continue
         res = {}
         if os.path.exists(cuobjdump):
             res = _resources(compiled.asm["cubin"], cuobjdump)
         print(
-            f"{label:60s} {res.get('REG', -1):5d} {res.get('LOCAL', -1):6d} "
-            f"{compiled.metadata.shared:7d}"
+            f"{label:58s} {res.get('REG', -1):5d} {res.get('STACK', -1):6d} "
+            f"{compiled.metadata.shared:7d} {res.get('MMA', -1):5d}"
         )
     return 1 if failures else 0
 

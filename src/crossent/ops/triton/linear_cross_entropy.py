@@ -289,25 +289,37 @@ def _backward_kernel(
                 )
 
 
-def _config(dtype: torch.dtype) -> dict[str, int]:
+def _config(dtype: torch.dtype, backward: bool) -> dict[str, int]:
     """Tile sizes and launch options.
 
     Interpreter: the smallest tiles ``tl.dot`` accepts (16), so tests with small shapes still
-    cross tile edges. GPU (Hopper): 128 x 128 logit tiles, 64-wide hidden slices, 8 warps, for
-    16-bit data; smaller tiles for float32/float64, whose dots run without tensor-core
-    throughput. Untuned: to be revisited with benchmarks/bench_gpu.py.
+    cross tile edges. GPU (Hopper), chosen from the sm_90 compile report of
+    ``python -m crossent.ops.triton._compile_check`` (registers, stack), not yet from timings:
+
+    * 16-bit data: 128 x 128 logit tiles (wgmma), 8 warps; the forward streams 64-wide hidden
+      slices in 3 stages; the backward holds the dz tile and two products, so its hidden slices
+      are 32 wide to stay in registers (64 spilled 880 bytes of stack per thread).
+    * float32/float64: 32 x 64 x 32 tiles, 4 warps; their products run on the FMA units (or TF32
+      when torch's float32 matmul precision allows it) and larger tiles spill.
     """
     if interpreting():
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, GROUP_N=2, num_warps=1, num_stages=1)
     if dtype in (torch.float16, torch.bfloat16):
-        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, GROUP_N=8, num_warps=4, num_stages=2)
+        block_d = 32 if backward else 64
+        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=block_d, GROUP_N=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, GROUP_N=8, num_warps=4, num_stages=2)
 
 
 def _dot_flags(dtype: torch.dtype) -> dict[str, bool]:
+    """UPCAST_DOT for bfloat16 under the interpreter; IEEE_DOT as torch's matmul would compute.
+
+    torch multiplies float32 matrices exactly unless ``torch.set_float32_matmul_precision`` was
+    lowered ('high'/'medium' allow TF32), so the kernels follow that setting.
+    """
+    exact_fp32 = torch.get_float32_matmul_precision() == "highest"
     return dict(
         UPCAST_DOT=interpreting() and dtype == torch.bfloat16,
-        IEEE_DOT=dtype in (torch.float32, torch.float64),
+        IEEE_DOT=dtype == torch.float64 or (dtype == torch.float32 and exact_fp32),
     )
 
 
@@ -338,7 +350,7 @@ def forward(
     n_classes = linear_weight.shape[0]
     stats_dtype = compute_dtype(input.dtype)
     device = input.device
-    cfg = _config(input.dtype)
+    cfg = _config(input.dtype, backward=False)
     n_row_blocks = triton.cdiv(n_rows, cfg["BLOCK_N"])
     n_col_tiles = triton.cdiv(n_classes, cfg["BLOCK_V"])
     if n_rows == 0 or n_classes == 0:
@@ -424,7 +436,7 @@ def backward(
     )
     grad_b = torch.zeros((n_classes,) if need_grad_bias else (0,), dtype=acc_dtype, device=device)
     if n_rows > 0 and n_classes > 0 and (need_grad_input or need_grad_weight or need_grad_bias):
-        cfg = _config(input.dtype)
+        cfg = _config(input.dtype, backward=True)
         n_tiles = triton.cdiv(n_rows, cfg["BLOCK_N"]) * triton.cdiv(n_classes, cfg["BLOCK_V"])
         _backward_kernel[(n_tiles,)](
             input,
