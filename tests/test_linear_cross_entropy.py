@@ -248,6 +248,32 @@ def test_large_logits_stay_finite_and_exact():
         assert_matches(ours, theirs, TOL[torch.float64])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_losses_beyond_underflow_of_target_probability(dtype, code_path):
+    """Rows whose target probability underflows (loss of hundreds) are still exact."""
+    x, w, b, t, _ = make(12, 4, 9, bias=True, seed=4)
+    x = x.to(dtype) * 300.0
+    w, b = w.to(dtype), b.to(dtype)
+    logits = F.linear(x.double(), w.double(), b.double())
+    t = logits.argmin(1)  # the least likely class: losses in the hundreds or thousands
+    t[::3] = logits[::3].argmax(1)  # and some confident rows next to them
+    for opts in ({}, {"z_loss": 1e-4}, {"softcap": 50.0}):
+        for reduction in ("none", "sum"):
+            kw = dict(reduction=reduction, **opts)
+            ours = run(crossent.linear_cross_entropy, x, w, b, t, chunk_size=5, **kw)
+            exact = run(reference, x.double(), w.double(), b.double(), t, **kw)
+            assert torch.isfinite(ours[0]).all()
+            cast = (exact[0].to(dtype), tuple(g.to(dtype) for g in exact[1]))
+            assert_matches(ours, cast, TOL[dtype])
+
+
+def test_nan_logits_propagate():
+    x, w, _, t, _ = make(6, 3, 5)
+    x[2, 0] = float("nan")
+    value = crossent.linear_cross_entropy(x, w, t, reduction="none")
+    assert torch.isnan(value[2]) and torch.isfinite(value[torch.arange(6) != 2]).all()
+
+
 def test_odd_and_single_class():
     for v in (1, 2, 31):
         x, w, b, t, _ = make(9, 3, v, bias=True)

@@ -166,23 +166,40 @@ class _PassOutput:
     grad_bias: Tensor | None  # (V,) acc dtype
 
 
-def _softmax_(logits: Tensor) -> Tensor:
+def _softmax_(logits: Tensor, target_col: Tensor, target_logit: Tensor) -> Tensor:
     """Overwrite ``logits`` (B, V) with its row softmax; return the row log-sum-exp (B,).
 
-    On CPU the fused softmax kernel runs in place (each row is read and written while it sits
-    in L2), and ``lse = max - log p[argmax]`` recovers the log-sum-exp exactly: at the argmax
-    the kernel computes ``exp(0) / S = 1 / S``, so ``-log p[argmax] = log S`` to one rounding.
-    Elsewhere the same is done with separate in-place passes.
+    On the host the fused softmax kernel runs in place (each row is shifted, exponentiated,
+    summed and scaled while it sits in L2) and the log-sum-exp is read back from the target
+    column: ``lse = s_t - log p_t``. That is as accurate as torch's ``log_softmax`` (both carry
+    an absolute error of a few ulp of ``|s_t - max|``) as long as ``p_t`` is a normal number
+    with room to spare; rows where it is not (a loss above ~70 in float32) are flagged with
+    NaN and recomputed by the caller. This saves the separate max pass over the chunk.
+    Elsewhere (accelerators) the max, exp, sum and scale run as separate in-place passes.
     """
     if _on_host(logits):
-        row_max, arg = logits.max(1, keepdim=True)
         torch._softmax(logits, 1, False, out=logits)
-        return (row_max - logits.gather(1, arg).log_()).squeeze(1)
+        p_t = logits.gather(1, target_col).squeeze(1)
+        lse = target_logit - p_t.log()
+        finfo = torch.finfo(logits.dtype)
+        return torch.where(p_t >= finfo.tiny / finfo.eps, lse, torch.nan)
     row_max = logits.amax(1, keepdim=True)
     logits.sub_(row_max).exp_()
     sum_exp = logits.sum(1, keepdim=True)
     logits.div_(sum_exp)
     return (row_max + sum_exp.log_()).squeeze(1)
+
+
+def _exact_lse(
+    x_rows: Tensor, weight_acc: Tensor, bias_acc: Tensor | None, cap: float | None
+) -> Tensor:
+    """Log-sum-exp of a few rows' logits, recomputed from scratch (the rare fallback)."""
+    logits = x_rows @ weight_acc.T
+    if bias_acc is not None:
+        logits = logits + bias_acc
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    return torch.logsumexp(logits, 1)
 
 
 def _chunked_pass(
@@ -282,7 +299,13 @@ def _chunked_pass(
         smooth_dot = None
         if eps > 0 and want_loss:
             smooth_dot = logits.sum(1) if cw is None else logits @ cw  # Σ_c w_c s_c
-        lse = _softmax_(logits)  # logits now holds p = softmax(s)
+        lse = _softmax_(logits, t_col, s_t)  # logits now holds p = softmax(s)
+        if _on_host(lse):
+            redo = torch.isnan(lse).nonzero().squeeze(1)
+            if redo.numel():
+                # p_t too small to read lse from (or NaN input): recompute those rows exactly.
+                exact = _exact_lse(x_c.index_select(0, redo), weight_acc, bias_acc, cap)
+                lse = lse.index_copy(0, redo, exact)
 
         w_t = None if w_target is None else w_target[start:stop]
         if want_loss:
