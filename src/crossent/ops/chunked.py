@@ -24,8 +24,9 @@ scaled by ``σ_i`` (1/denominator for ``'mean'``, 1 for ``'sum'``, ``grad_output
 
 Without softcap the row factor ``σ_i·a_i`` and the sparse/rank-1 corrections are folded into
 the (B, D) operands of the matmuls, so the (B, V) chunk is touched only by the logits matmul,
-one max, one in-place softmax and the two gradient matmuls. With softcap the gradient is built
-densely in the chunk (the tanh derivative multiplies every element).
+one in-place softmax (on the host; the log-sum-exp is read back from the target column) and
+the two gradient matmuls. With softcap the gradient is built densely in the chunk (the tanh
+derivative multiplies every element).
 
 Autograd: for ``'mean'``/``'sum'`` the forward computes the gradients chunk by chunk (they are
 the only thing the backward needs; it scales them by ``grad_output``). ``'none'`` needs a
