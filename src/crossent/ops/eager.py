@@ -23,7 +23,7 @@ from torch import Tensor
 # Rows of logits processed per block in the cross-entropy fast path are chosen so that one
 # block of float32 is about this many bytes: small enough to stay in the L2 cache while it is
 # shifted, exponentiated and summed, large enough that the Python loop costs little.
-_BLOCK_BYTES = 1 << 21
+_BLOCK_BYTES = 1 << 20
 
 # torch's clamp of x(1-x) in the BCE gradient is the *float32* constant 1e-12f, which is
 # 9.999999960041972e-13 when the arithmetic is in float64.
@@ -379,11 +379,13 @@ def _row_blocks(logits: Tensor) -> tuple[range, int]:
 class CrossEntropyIndex(torch.autograd.Function):
     """Cross entropy on (N, C, d1, ...) logits and (N, d1, ...) class indices.
 
-    Forward reads the logits once, in row blocks that stay in cache, and keeps only the
-    per-row log-sum-exp (N·d floats); backward recomputes ``softmax = exp(x - lse)`` block by
-    block straight into the gradient it returns. Statistics are float32 for float16/bfloat16
-    logits. With ``create_graph=True`` the backward switches to differentiable ops (and
-    recomputes lse differentiably), so double backward is exact.
+    Forward runs torch's fused log-softmax on one cache-sized block of rows at a time into a
+    reused scratch buffer and keeps only what the loss needs (the target's log-probability and,
+    with smoothing, the weighted row sum): no N×C tensor survives the forward. Backward
+    recomputes the softmax block by block straight into the gradient it returns, then scales it
+    and subtracts the one-hot term in place, while the block is still in cache. Statistics are
+    float32 for float16/bfloat16 logits. With ``create_graph=True`` the backward switches to
+    differentiable ops, so double backward is exact.
     """
 
     @staticmethod
@@ -394,46 +396,39 @@ class CrossEntropyIndex(torch.autograd.Function):
         ignore_index: int,
         label_smoothing: float,
         reduction: str,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor]:
         safe, keep = _safe_target(target, ignore_index)
         stat_dtype = torch.float32 if _low_precision(logits) else logits.dtype
-        # Per row: the max m and log Σ exp(x - m). Keeping them apart (rather than lse = m + log
-        # Σ) keeps exp(x - m - log Σ) exact when |x| is huge (e.g. 3e38) and m + log Σ rounds.
-        row_max = torch.empty(
-            (logits.shape[0], 1, *logits.shape[2:]), dtype=stat_dtype, device=logits.device
-        )
-        log_sum_exp = torch.empty_like(row_max)
-        # smooth_i = -Σ_c w_c·(x_c - lse) = W·log Σ_c exp(x_c - m) - Σ_c w_c·(x_c - m), m the row
-        # max: shifting first keeps the sum free of cancellation when logits sit far from 0.
-        smooth = torch.empty_like(row_max) if label_smoothing > 0.0 else None
-        w_col = None if weight is None else _class_view(weight.to(stat_dtype), logits.dim())
-        total_w = logits.shape[1] if weight is None else weight.to(stat_dtype).sum()
+        w_stat = None if weight is None else weight.to(stat_dtype)
+        picked = torch.empty(safe.shape, dtype=stat_dtype, device=logits.device)  # lp[i, t_i]
+        # smooth_i = -Σ_c w_c·lp[i, c]
+        smooth = torch.empty_like(picked) if label_smoothing > 0.0 else None
         starts, rows = _row_blocks(logits)
+        scratch = logits.new_empty(
+            (min(rows, logits.shape[0]), *logits.shape[1:]), dtype=stat_dtype
+        )
         for start in starts:
             stop = start + rows
-            block = logits[start:stop].to(stat_dtype)  # (r, C, d...)
-            block_max = torch.amax(block, 1, keepdim=True, out=row_max[start:stop])
-            shifted = block - block_max
-            weighted_sum = None
+            block = logits[start:stop]
+            log_probs = scratch[: block.shape[0]]
+            torch.log_softmax(block, 1, dtype=stat_dtype, out=log_probs)
+            picked[start:stop] = log_probs.gather(1, safe[start:stop].unsqueeze(1)).squeeze(1)
             if smooth is not None:
-                weighted = shifted if w_col is None else shifted * w_col
-                weighted_sum = weighted.sum(1, keepdim=True)
-            block_lse = torch.sum(shifted.exp_(), 1, keepdim=True, out=log_sum_exp[start:stop])
-            block_lse.log_()
-            if smooth is not None:
-                torch.sub(total_w * block_lse, weighted_sum, out=smooth[start:stop])
-
-        target_logit = logits.gather(1, safe.unsqueeze(1)).to(stat_dtype)
-        nll = ((row_max - target_logit) + log_sum_exp).squeeze(1)  # lse - x_t, (N, d...)
-        w_t = None
-        if weight is not None:
-            w_t = weight[safe].to(stat_dtype)
-            nll = nll * w_t
+                if w_stat is None:
+                    torch.sum(log_probs, 1, out=smooth[start:stop])
+                elif log_probs.dim() == 2:
+                    torch.mv(log_probs, w_stat, out=smooth[start:stop])
+                else:
+                    torch.sum(
+                        log_probs * _class_view(w_stat, log_probs.dim()), 1, out=smooth[start:stop]
+                    )
+        w_t = None if w_stat is None else w_stat[safe]
+        nll = -picked if w_t is None else -(w_t * picked)
         loss = torch.where(keep, nll, 0.0)
         if smooth is not None:
             n_classes = logits.shape[1]
             loss = (1 - label_smoothing) * loss + (label_smoothing / n_classes) * torch.where(
-                keep, smooth.squeeze(1), 0.0
+                keep, -smooth, 0.0
             )
         denom = _smoothing_denominator(keep, w_t, stat_dtype)
         if reduction == "none":
@@ -442,72 +437,74 @@ class CrossEntropyIndex(torch.autograd.Function):
             out = loss.sum()
         else:
             out = loss.sum() / denom
-        return out.to(logits.dtype), row_max, log_sum_exp, denom
+        return out.to(logits.dtype), denom
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         logits, target, weight, ignore_index, label_smoothing, reduction = inputs
-        _, row_max, log_sum_exp, denom = output
+        _, denom = output
         ctx.ignore_index = ignore_index
         ctx.label_smoothing = label_smoothing
         ctx.reduction = reduction
-        ctx.save_for_backward(logits, target, weight, row_max, log_sum_exp, denom)
-        ctx.mark_non_differentiable(row_max, log_sum_exp, denom)
+        ctx.save_for_backward(logits, target, weight, denom)
+        ctx.mark_non_differentiable(denom)
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor, *_stats):  # type: ignore[override]
-        logits, target, weight, row_max, log_sum_exp, denom = ctx.saved_tensors
+    def backward(ctx, grad_output: Tensor, _grad_denom):  # type: ignore[override]
+        logits, target, weight, denom = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         eps, reduction = ctx.label_smoothing, ctx.reduction
         n_classes = logits.shape[1]
         safe, keep = _safe_target(target, ctx.ignore_index)
-        stat_dtype = row_max.dtype
+        stat_dtype = denom.dtype
         # Per-row upstream gradient (N, d...), zero (not multiplied) on ignored rows so that an
         # all-ignored mean (denominator 0) gives zero gradients rather than 0·inf.
         g = grad_output.to(stat_dtype)
         if reduction == "mean":
             g = g / denom
         g = torch.where(keep, g.expand(keep.shape), 0.0)
-        w_t = torch.ones_like(g) if weight is None else weight[safe].to(stat_dtype)
-        total_w = float(n_classes) if weight is None else weight.to(stat_dtype).sum()
+        w_stat = None if weight is None else weight.to(stat_dtype)
+        w_t = torch.ones_like(g) if w_stat is None else w_stat[safe]
+        total_w = float(n_classes) if w_stat is None else w_stat.sum()
         # d l_i / d x_ij = (1-ε)·w_t·(p_j - [j = t]) + (ε/C)·(p_j·W - w_j)
-        p_coef = g * ((1 - eps) * w_t + (eps / n_classes) * total_w)  # multiplies p_j
-        t_coef = -(g * (1 - eps) * w_t)  # added at j = t
-        w_coef = g * (eps / n_classes)  # times -w_j (only with smoothing)
+        p_coef = (g * ((1 - eps) * w_t + (eps / n_classes) * total_w)).unsqueeze(1)  # times p_j
+        t_coef = (-(g * (1 - eps) * w_t)).unsqueeze(1)  # added at j = t
+        w_coef = (g * (eps / n_classes)).unsqueeze(1)  # times -w_j (only with smoothing)
+        index = safe.unsqueeze(1)
 
         if torch.is_grad_enabled():  # create_graph: differentiable recomputation
             x = logits.to(stat_dtype)
-            probs = torch.softmax(x, 1)
-            grad = probs * p_coef.unsqueeze(1)
-            grad = grad.scatter_add(1, safe.unsqueeze(1), t_coef.unsqueeze(1))
+            grad = torch.softmax(x, 1) * p_coef
+            grad = grad.scatter_add(1, index, t_coef)
             if eps > 0.0:
-                w_row = (
-                    torch.ones_like(x)
-                    if weight is None
-                    else _class_view(weight.to(stat_dtype), x.dim()).expand_as(x)
-                )
-                grad = grad - w_row * w_coef.unsqueeze(1)
+                w_row = 1.0 if w_stat is None else _class_view(w_stat, x.dim())
+                grad = grad - w_row * w_coef
             return grad.to(logits.dtype), None, None, None, None, None
 
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        w_col = None if weight is None else _class_view(weight.to(stat_dtype), logits.dim())
         starts, rows = _row_blocks(logits)
-        # softmax = exp(x - m) / Σ: fold 1/Σ into the coefficient of p_j (one multiply).
-        p_scale = p_coef.unsqueeze(1) * torch.exp(-log_sum_exp)
+        scratch = None
+        if grad.dtype != stat_dtype:
+            scratch = logits.new_empty(
+                (min(rows, logits.shape[0]), *logits.shape[1:]), dtype=stat_dtype
+            )
         for start in starts:
             stop = start + rows
             block = logits[start:stop]
             out = grad[start:stop]
-            work = out if out.dtype == stat_dtype else torch.empty_like(block, dtype=stat_dtype)
-            torch.sub(block, row_max[start:stop], out=work)
-            work.exp_()
-            work.mul_(p_scale[start:stop])
-            work.scatter_add_(1, safe[start:stop].unsqueeze(1), t_coef[start:stop].unsqueeze(1))
+            work = out if scratch is None else scratch[: block.shape[0]]
+            torch.softmax(block, 1, dtype=stat_dtype, out=work)
+            work.mul_(p_coef[start:stop])
+            work.scatter_add_(1, index[start:stop], t_coef[start:stop])
             if eps > 0.0:
-                w_term = w_coef[start:stop].unsqueeze(1)
-                work.sub_(w_term if w_col is None else w_term * w_col)
-            if work is not out:
+                if w_stat is None:
+                    work.sub_(w_coef[start:stop])
+                elif work.dim() == 2:
+                    work.addr_(w_coef[start:stop].squeeze(1), w_stat, alpha=-1)
+                else:
+                    work.sub_(w_coef[start:stop] * _class_view(w_stat, work.dim()))
+            if scratch is not None:
                 out.copy_(work)
         return grad, None, None, None, None, None
 
@@ -528,7 +525,7 @@ def cross_entropy_index(
     unbatched = logits.dim() == 1
     if unbatched:
         logits, target = logits.unsqueeze(0), target.reshape(1)
-    loss, *_ = CrossEntropyIndex.apply(
+    loss, _ = CrossEntropyIndex.apply(
         logits, target, weight, ignore_index, label_smoothing, reduction
     )
     if unbatched and reduction == "none":
