@@ -21,7 +21,14 @@ _FUNCTIONAL = (
 )
 _SUBMODULES = ("functional", "nn", "reference", "distributed", "linear")
 
-__all__ = [*_FUNCTIONAL, "linear_cross_entropy", "__version__"]
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "nll_loss",
+    "linear_cross_entropy",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from crossent.functional import (
