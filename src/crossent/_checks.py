@@ -8,6 +8,7 @@ say what was wrong, what was expected and what was given.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -160,18 +161,26 @@ def check_not_differentiable(fn: str, name: str, t: torch.Tensor | None) -> None
 
 
 def _broadcast_or_raise(
-    input_shape: torch.Size, other: torch.Tensor, name: str, first: str
+    input_shape: torch.Size,
+    other: torch.Tensor,
+    name: str,
+    torch_words: Callable[[int, int, int], str],
 ) -> None:
-    """``other`` must broadcast to exactly ``input_shape`` (right-aligned, no enlarging)."""
+    """``other`` must broadcast to exactly ``input_shape`` (right-aligned, no enlarging).
+
+    ``torch_words(input_size, other_size, k)`` gives torch's own message for a mismatch at
+    dimension ``-k``; ours follows it with what was expected and given.
+    """
     in_dims, w_dims = list(input_shape), list(other.shape)
     for k in range(1, min(len(in_dims), len(w_dims)) + 1):
         a, b = in_dims[-k], w_dims[-k]
         if a != b and b != 1 and a != 1:
             raise RuntimeError(
-                f"{first}: {name} of shape {_shape(other)} does not broadcast with the input of "
-                f"shape {_shape(input_shape)}: its size {b} at dimension {-k} must be 1 or "
-                f"{a}. ({name} broadcasts right-aligned, along the last dimensions; for a "
-                f"per-channel {name} on (N, C, H, W) input use shape (C, 1, 1).)"
+                f"{torch_words(a, b, k)}: {name} of shape {_shape(other)} does not broadcast "
+                f"with the input of shape {_shape(input_shape)}: its size {b} at dimension "
+                f"{-k} must be 1 or {a}. ({name} broadcasts right-aligned, along the last "
+                f"dimensions; for a per-channel {name} on (N, C, H, W) input use shape "
+                "(C, 1, 1).)"
             )
     full = torch.broadcast_shapes(input_shape, other.shape)
     if full != input_shape:
@@ -195,23 +204,16 @@ def check_binary_cross_entropy(
             f"({input.size()}) is deprecated. Please ensure they have the same size."
         )
     if weight is not None:
-        in_dims, w_dims = list(target.shape), list(weight.shape)
-        for k in range(1, min(len(in_dims), len(w_dims)) + 1):
-            a, b = in_dims[-k], w_dims[-k]
-            if a != b and b != 1 and a != 1:
-                raise RuntimeError(
-                    f"Attempting to broadcast a dimension of length {b} at {-k}! Mismatching "
-                    f"argument at index 1 had {weight.size()}; but expected shape should be "
-                    f"broadcastable to {list(target.shape)}: the weight must broadcast to the "
-                    f"target's shape {_shape(target)} (right-aligned), got shape {_shape(weight)}"
-                )
-        full = torch.broadcast_shapes(target.shape, weight.shape)
-        if full != target.shape:
-            raise RuntimeError(
-                f"output with shape {list(input.shape)} doesn't match the broadcast shape "
-                f"{list(full)}: the weight of shape {_shape(weight)} would enlarge the input of "
-                f"shape {_shape(input)}"
-            )
+        _broadcast_or_raise(
+            target.shape,
+            weight,
+            "weight",
+            lambda a, b, k: (
+                f"Attempting to broadcast a dimension of length {b} at {-k}! Mismatching "
+                f"argument at index 1 had {weight.size()}; but expected shape should be "
+                f"broadcastable to {list(target.shape)}"
+            ),
+        )
     check_floating(input, "binary_cross_entropy")
     if target.dtype != input.dtype:
         raise RuntimeError(
@@ -256,15 +258,18 @@ def check_binary_cross_entropy_with_logits(
             f"Target size ({target.size()}) must be the same as input size ({input.size()})"
         )
     check_floating(input, "log_sigmoid_cpu")
+    ndim = input.dim()
     for name, t in (("pos_weight", pos_weight), ("weight", weight)):
         if t is not None:
+            ndim_all = max(ndim, t.dim())
             _broadcast_or_raise(
                 input.shape,
                 t,
                 name,
-                f"The size of tensor a ({_mismatch(input.shape, t.shape)[0]}) must match the "
-                f"size of tensor b ({_mismatch(input.shape, t.shape)[1]}) at non-singleton "
-                f"dimension {_mismatch(input.shape, t.shape)[2]}",
+                lambda a, b, k, n=ndim_all: (
+                    f"The size of tensor a ({a}) must match the size of tensor b ({b}) at "
+                    f"non-singleton dimension {n - k}"
+                ),
             )
     if target.dtype == torch.bool:
         raise RuntimeError(
@@ -281,14 +286,6 @@ def check_binary_cross_entropy_with_logits(
         )
     check_not_differentiable("binary_cross_entropy_with_logits", "weight", weight)
     check_not_differentiable("binary_cross_entropy_with_logits", "pos_weight", pos_weight)
-
-
-def _mismatch(a: torch.Size, b: torch.Size) -> tuple[int, int, int]:
-    """First right-aligned dimension where ``a`` and ``b`` cannot broadcast: (a_k, b_k, dim)."""
-    for k in range(1, min(len(a), len(b)) + 1):
-        if a[-k] != b[-k] and a[-k] != 1 and b[-k] != 1:
-            return a[-k], b[-k], max(len(a), len(b)) - k
-    return 0, 0, 0
 
 
 # --------------------------------------------------------------------------------------------
