@@ -562,3 +562,41 @@ def test_kernels_refuse_cpu_tensors_without_interpreter(monkeypatch):
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         ct.cross_entropy(logits, target)
     assert not ct.is_available()
+
+
+def test_double_backward_matches_torch():
+    # Second order goes through the backward ops' autograd (a torch re-expression).
+    logits, target, weight = make_ce(n=5, v=40)
+    opts = dict(weight=weight, label_smoothing=0.1, softcap=4.0)
+    results = []
+    for fn in (ct.cross_entropy, ce_oracle):
+        x = leaf(logits)
+        (g,) = torch.autograd.grad(fn(x, target, **opts), x, create_graph=True)
+        (gg,) = torch.autograd.grad((g * g).sum(), x)
+        results.append(gg)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-7)
+    results = []
+    y0 = torch.rand(4, 5, device=DEVICE)
+    x0 = torch.randn(4, 5, device=DEVICE)
+    pw = torch.rand(5, device=DEVICE) + 0.5
+    for fn in (ct.binary_cross_entropy_with_logits, bce_oracle):
+        x, y = leaf(x0), leaf(y0)
+        gx, gy = torch.autograd.grad(fn(x, y, pos_weight=pw), (x, y), create_graph=True)
+        results.append(torch.autograd.grad((gx * gy).sum() + gx.square().sum(), (x, y)))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, **F32)
+
+
+def test_select_backend_leaves_transforms_to_torch(monkeypatch):
+    # vmap/grad wrappers and forward-mode dual tensors always get torch, whatever the variable.
+    monkeypatch.setenv("CROSSENT_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    seen = []
+    torch.func.vmap(lambda t: seen.append(select_backend(t)) or t.sum())(torch.randn(2, 3))
+    torch.func.grad(lambda t: seen.append(select_backend(t)) or t.sum())(torch.randn(3))
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        seen.append(select_backend(fwAD.make_dual(torch.randn(3), torch.ones(3))))
+    assert seen == ["torch", "torch", "torch"]
+    assert select_backend(torch.randn(3)) == "triton"

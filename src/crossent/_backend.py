@@ -12,6 +12,10 @@ test (or a user) can flip it without re-importing anything:
            ``RuntimeError`` says so.
 =========  ==========================================================================
 
+Under ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...) and forward-mode AD the
+answer is always torch, whatever the variable says: the kernels are custom ops without vmap or
+forward-mode rules, torch's own ops have them.
+
 float64 stays on torch under ``auto``: the kernels compute float64 inputs in float64, but
 Hopper's float64 rate is a small fraction of its float32 rate and torch's own kernels are the
 safer choice there. ``CROSSENT_BACKEND=triton`` still runs them.
@@ -19,7 +23,6 @@ safer choice there. ``CROSSENT_BACKEND=triton`` still runs them.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Literal
 
@@ -32,26 +35,46 @@ _MODES = ("auto", "torch", "triton")
 _AUTO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@functools.cache
+_triton_import_ok: list[bool] = []  # filled on the first call; a failed import does not heal
+
+
 def triton_importable() -> bool:
-    """Whether ``import triton`` succeeds (cached: a failed import does not heal mid-process)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install raising anything else on import
-        return False
-    return True
+    """Whether ``import triton`` succeeds (remembered after the first call).
+
+    Cached by hand rather than with ``functools.cache``, which ``torch.compile`` warns about
+    when it traces ``select_backend``.
+    """
+    if not _triton_import_ok:
+        try:
+            import triton  # noqa: F401
+
+            _triton_import_ok.append(True)
+        except Exception:  # ImportError, or a broken install raising anything else on import
+            _triton_import_ok.append(False)
+    return _triton_import_ok[0]
 
 
 def triton_interpreting() -> bool:
     """Whether Triton's interpreter is on (``TRITON_INTERPRET``), read now, not at import.
 
-    Asks triton's own knob when triton imports, so that both agree on what counts as true.
+    Parsed here, with the values triton 3.9 counts as true (1/true/on/yes, any case), rather than
+    through ``triton.knobs``, whose C++ getenv ``torch.compile`` cannot trace.
     """
-    if triton_importable():
-        import triton
-
-        return bool(triton.knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _under_transform(tensors: list[torch.Tensor]) -> bool:
+    """Whether a tensor is wrapped by a torch.func transform (vmap, grad, ...) or carries a
+    forward-mode AD tangent: the kernels' custom ops have no vmap/jvp rules, torch's ops do."""
+    if torch.compiler.is_compiling():  # fake tensors while tracing; transforms trace through
+        return False
+    import torch.autograd.forward_ad as forward_ad
+
+    return any(
+        torch._C._functorch.is_functorch_wrapped_tensor(t)
+        or forward_ad.unpack_dual(t).tangent is not None
+        for t in tensors
+    )
 
 
 def backend_mode() -> str:
@@ -72,8 +95,8 @@ def backend_mode() -> str:
 def select_backend(*tensors: torch.Tensor | None) -> Backend:
     """Pick the implementation for a call on ``tensors`` (``None`` entries are skipped).
 
-    Only devices and dtypes are looked at, never values, so this never synchronises with the
-    device.
+    Only devices, dtypes and autograd wrappers are looked at, never values, so this never
+    synchronises with the device.
 
     Args:
         *tensors: every tensor argument of the loss call (input, target, weights, ...).
@@ -88,7 +111,7 @@ def select_backend(*tensors: torch.Tensor | None) -> Backend:
     """
     mode = backend_mode()
     present = [t for t in tensors if isinstance(t, torch.Tensor)]
-    if mode == "torch":
+    if mode == "torch" or _under_transform(present):
         return "torch"
     if mode == "triton":
         if not triton_importable():

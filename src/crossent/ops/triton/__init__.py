@@ -88,7 +88,8 @@ def cross_entropy(
 
     Returns:
         The loss in the logits dtype, differentiable w.r.t. ``logits`` (the gradient is a new
-        tensor; only ``lse``, N floats, is saved besides the inputs).
+        tensor; only the row's log-sum-exp, as max and log-sum (2N floats), is saved besides the
+        inputs).
 
     Raises:
         RuntimeError: triton is missing, or the tensors are on CPU without the interpreter.
@@ -96,11 +97,12 @@ def cross_entropy(
     target = _index_target(target)
     class_weight = weight.contiguous() if weight is not None else None
     smoothing = max(float(label_smoothing), 0.0)
-    lse, target_logit, smooth = _ops.ce_stats(
+    shift, logsum, target_logit, smooth = _ops.ce_stats(
         logits, target, class_weight, _softcap_value(softcap), smoothing > 0.0
     )
     return _ops.loss_from_stats(
-        lse,
+        shift,
+        logsum,
         target_logit,
         smooth,
         target,
@@ -131,7 +133,8 @@ def linear_cross_entropy(
 
     Same loss as :func:`cross_entropy` on ``logits = input @ linear_weight.T + linear_bias``
     (see there for the math), computed tile by tile: the (N, V) logits never exist in memory;
-    the forward keeps only ``lse`` (N floats) and the backward recomputes the logit tiles.
+    the forward keeps only the rows' log-sum-exp (2N floats) and the backward recomputes the
+    logit tiles.
     Gradients are exact (no filtering) and accumulated in float32.
 
     Args:
@@ -156,7 +159,7 @@ def linear_cross_entropy(
     target = _index_target(target).contiguous()
     class_weight = weight.contiguous() if weight is not None else None
     smoothing = max(float(label_smoothing), 0.0)
-    lse, target_logit, smooth = _ops.linear_ce_stats(
+    shift, logsum, target_logit, smooth = _ops.linear_ce_stats(
         input,
         linear_weight,
         linear_bias,
@@ -167,7 +170,8 @@ def linear_cross_entropy(
         smoothing > 0.0,
     )
     return _ops.loss_from_stats(
-        lse,
+        shift,
+        logsum,
         target_logit,
         smooth,
         target,

@@ -52,12 +52,13 @@ def _variants(quick: bool):
     lce = kernels("linear_cross_entropy")
 
     out = []
-    ce_block, ce_warps = ce._launch_config(128256)  # the GPU launch configuration
+    torch_dtypes = {"bf16": torch.bfloat16, "fp64": torch.float64}
     ce_flags = [(True, True, True), (False, False, False)]
     for dtype, ptr, compute in [("bf16", "*bf16", tl.float32), ("fp64", "*fp64", tl.float64)]:
         if quick and dtype == "fp64":
             continue
         for softcap, smoothing, weight in ce_flags:
+            ce_block, ce_warps = ce._launch_config(128256, torch_dtypes[dtype])  # GPU config
             consts = dict(
                 HAS_SOFTCAP=softcap,
                 HAS_SMOOTHING=smoothing,
@@ -108,7 +109,7 @@ def _variants(quick: bool):
             options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             tag = f"{dtype} all-options={flags}"
             out.append((f"lce.forward {tag}", lce._forward_kernel, ptrs, consts, options))
-            cfg = lce._config(torch_dtype[dtype], backward=True)
+            cfg = lce._config(torch_dtype[dtype], backward=True, softcap=flags)
             bwd = dict(consts, NEED_GRAD_X=True, NEED_GRAD_W=True, NEED_GRAD_B=flags)
             bwd.update(BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"])
             bwd.update(GROUP_N=cfg["GROUP_N"])

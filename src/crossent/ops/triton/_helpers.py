@@ -38,6 +38,29 @@ def softcap_tanh(x, cap):
 
 
 @triton.jit
+def softcap_slope(x, cap):
+    """d/dx [cap * tanh(x / cap)] = sech(x / cap)**2, without cancellation.
+
+    ``1 - tanh**2`` loses the relative precision of the slope where tanh is near ±1 (at
+    |x/cap| = 4 one ulp of tanh is 1e-4 of the slope). Instead, with ``e = exp(-2|a|)``:
+    ``sech(a)**2 = 4e / (1 + e)**2``; near 0, where ``tanh**2`` is small, ``1 - tanh**2`` with
+    the series of :func:`softcap_tanh` is exact to rounding.
+    """
+    a = tl.abs(x / cap)
+    e = tl.exp(-2.0 * a)
+    one_plus_e = 1.0 + e
+    slope_far = 4.0 * e / (one_plus_e * one_plus_e)
+    a2 = a * a
+    poly = -1382.0 / 155925.0
+    poly = poly * a2 + 62.0 / 2835.0
+    poly = poly * a2 - 17.0 / 315.0
+    poly = poly * a2 + 2.0 / 15.0
+    poly = poly * a2 - 1.0 / 3.0
+    t_near = a + a * a2 * poly
+    return tl.where(a < 0.125, 1.0 - t_near * t_near, slope_far)
+
+
+@triton.jit
 def dot_acc(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """``acc + a @ b`` with the accumulator's precision.
 

@@ -6,9 +6,10 @@ shapes come from the ``register_fake`` functions, and the backward as another op
 
 Cross entropy (on logits, or fused with the classifier matmul) is split in two layers:
 
-* an op computing three per-row statistics of the soft-capped logits ``z``: ``lse``, the target
-  logit ``z_t`` and the class-weighted logit sum ``Σ_c w_c z_c``; its backward is a kernel that
-  turns the statistics' gradients into the logits' (or input's and weight's) gradients;
+* an op computing per-row statistics of the soft-capped logits ``z``: the row max ``m``,
+  ``logsum = log Σ_c exp(z_c - m)`` (so ``lse = m + logsum``), the target logit and the
+  class-weighted logit sum (both relative to ``m``); its backward is a kernel that turns the
+  statistics' gradients into the logits' (or input's and weight's) gradients;
 * :func:`loss_from_stats`, ordinary torch ops on (N,) vectors that build the loss from them —
   class weights, ignore_index, label smoothing, z-loss and the reductions all live here, once,
   and autograd differentiates them. The kernels need to know nothing about reductions.
@@ -24,6 +25,14 @@ from torch import Tensor
 from ._runtime import check_runnable, compute_dtype, kernels
 
 # --------------------------------------------------------------------------- cross entropy
+#
+# Statistics per row of the soft-capped logits z (see cross_entropy.py): shift m (the row max,
+# no gradient), logsum = log Σ exp(z - m), target logit z_t - m, and Σ_c w_c (z_c - m).
+
+
+def _fake_stats(like: Tensor, n_rows) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dtype = compute_dtype(like.dtype)
+    return tuple(like.new_empty((n_rows,), dtype=dtype) for _ in range(4))
 
 
 @torch.library.custom_op("crossent::ce_stats", mutates_args=())
@@ -33,17 +42,15 @@ def ce_stats(
     class_weight: Tensor | None,
     softcap: float,
     with_smoothing: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(lse, target logit, Σ_c w_c z_c) per row of ``z = softcap(logits)``, each (N,)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(shift, logsum, target logit, Σ_c w_c z_c) per row of ``z = softcap(logits)``."""
     check_runnable(logits, target, class_weight)
     return kernels("cross_entropy").forward(logits, target, class_weight, softcap, with_smoothing)
 
 
 @ce_stats.register_fake
 def _(logits, target, class_weight, softcap, with_smoothing):
-    n_rows = logits.shape[0]
-    dtype = compute_dtype(logits.dtype)
-    return tuple(logits.new_empty((n_rows,), dtype=dtype) for _ in range(3))
+    return _fake_stats(logits, logits.shape[0])
 
 
 @torch.library.custom_op("crossent::ce_stats_backward", mutates_args=())
@@ -51,21 +58,23 @@ def ce_stats_backward(
     logits: Tensor,
     target: Tensor,
     class_weight: Tensor | None,
-    lse: Tensor,
-    grad_lse: Tensor,
+    shift: Tensor,
+    logsum: Tensor,
+    grad_logsum: Tensor,
     grad_target_logit: Tensor,
     grad_smooth: Tensor,
     softcap: float,
     with_smoothing: bool,
 ) -> Tensor:
-    """Gradient w.r.t. ``logits`` from the gradients of the three statistics; a new tensor."""
-    check_runnable(logits, target, class_weight, lse, grad_lse, grad_target_logit, grad_smooth)
+    """Gradient w.r.t. ``logits`` from the gradients of the statistics; a new tensor."""
+    check_runnable(logits, target, class_weight, shift, logsum, grad_logsum, grad_target_logit)
     return kernels("cross_entropy").backward(
         logits,
         target,
         class_weight,
-        lse,
-        grad_lse,
+        shift,
+        logsum,
+        grad_logsum,
         grad_target_logit,
         grad_smooth,
         softcap,
@@ -74,7 +83,7 @@ def ce_stats_backward(
 
 
 @ce_stats_backward.register_fake
-def _(logits, target, class_weight, lse, grad_lse, grad_target_logit, grad_smooth, *args):
+def _(logits, *args):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -84,23 +93,26 @@ def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
 
 def _ce_setup_context(ctx, inputs, output):
     logits, target, class_weight, softcap, with_smoothing = inputs
-    ctx.save_for_backward(logits, target, class_weight, output[0])
+    shift, logsum = output[0], output[1]
+    ctx.mark_non_differentiable(shift)
+    ctx.save_for_backward(logits, target, class_weight, shift, logsum)
     ctx.softcap = softcap
     ctx.with_smoothing = with_smoothing
 
 
-def _ce_backward(ctx, grad_lse, grad_target_logit, grad_smooth):
-    logits, target, class_weight, lse = ctx.saved_tensors
+def _ce_backward(ctx, grad_shift, grad_logsum, grad_target_logit, grad_smooth):
+    logits, target, class_weight, shift, logsum = ctx.saved_tensors
     grad_logits = None
     if ctx.needs_input_grad[0]:
         grad_logits = ce_stats_backward(
             logits,
             target,
             class_weight,
-            lse,
-            _zeros_if_none(grad_lse, lse),
-            _zeros_if_none(grad_target_logit, lse),
-            _zeros_if_none(grad_smooth, lse),
+            shift,
+            logsum,
+            _zeros_if_none(grad_logsum, logsum),
+            _zeros_if_none(grad_target_logit, logsum),
+            _zeros_if_none(grad_smooth, logsum),
             ctx.softcap,
             ctx.with_smoothing,
         )
@@ -108,6 +120,52 @@ def _ce_backward(ctx, grad_lse, grad_target_logit, grad_smooth):
 
 
 ce_stats.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+def _ce_grad_torch(
+    logits, logsum, grad_logsum, grad_target_logit, grad_smooth, target, class_weight, shift,
+    softcap, with_smoothing,
+):  # fmt: skip
+    """What ``ce_stats_backward`` computes, in differentiable torch ops (N x V temporaries)."""
+    z = logits.to(logsum.dtype)
+    if softcap != 0.0:
+        z = softcap * torch.tanh(z / softcap)
+    probs = torch.exp((z - shift[:, None]) - logsum[:, None])
+    classes = torch.arange(logits.shape[1], device=logits.device)
+    grad = grad_logsum[:, None] * probs
+    grad = grad + torch.where(classes == target[:, None], grad_target_logit[:, None], 0.0)
+    if with_smoothing:
+        w = class_weight.to(logsum.dtype) if class_weight is not None else 1.0
+        grad = grad + grad_smooth[:, None] * w
+    if softcap != 0.0:
+        grad = grad * (1.0 - (z / softcap).square())
+    return grad.to(logits.dtype)
+
+
+def _ce_backward_setup_context(ctx, inputs, output):
+    *tensors, softcap, with_smoothing = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.softcap = softcap
+    ctx.with_smoothing = with_smoothing
+
+
+def _ce_double_backward(ctx, grad_grad_logits):
+    """Double backward: differentiate the backward, re-expressed in torch ops.
+
+    Only second order: the results are not differentiable again (a third-order request raises).
+    """
+    logits, target, class_weight, shift, logsum, g_logsum, g_zt, g_smooth = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (logits, logsum, g_logsum, g_zt, g_smooth)]
+        out = _ce_grad_torch(
+            *leaves, target, class_weight, shift.detach(), ctx.softcap, ctx.with_smoothing
+        )
+        grads = torch.autograd.grad(out, leaves, grad_grad_logits, allow_unused=True)
+    d_logits, d_logsum, d_g_logsum, d_g_zt, d_g_smooth = grads
+    return d_logits, None, None, None, d_logsum, d_g_logsum, d_g_zt, d_g_smooth, None, None
+
+
+ce_stats_backward.register_autograd(_ce_double_backward, setup_context=_ce_backward_setup_context)
 
 
 # --------------------------------------------------------------------------- linear cross entropy
@@ -123,8 +181,8 @@ def linear_ce_stats(
     ignore_index: int,
     softcap: float,
     with_smoothing: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(lse, target logit, Σ_c w_c z_c) per row of ``z = softcap(input @ W.T + b)``; no N x V."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The statistics of ``z = softcap(input @ W.T + b)``, without materialising z (N x V)."""
     check_runnable(input, linear_weight, linear_bias, target, class_weight)
     return kernels("linear_cross_entropy").forward(
         input, linear_weight, linear_bias, target, class_weight, softcap, with_smoothing
@@ -133,9 +191,7 @@ def linear_ce_stats(
 
 @linear_ce_stats.register_fake
 def _(input, linear_weight, linear_bias, target, class_weight, ignore_index, softcap, smooth):
-    n_rows = input.shape[0]
-    dtype = compute_dtype(input.dtype)
-    return tuple(input.new_empty((n_rows,), dtype=dtype) for _ in range(3))
+    return _fake_stats(input, input.shape[0])
 
 
 @torch.library.custom_op("crossent::linear_ce_stats_backward", mutates_args=())
@@ -145,8 +201,9 @@ def linear_ce_stats_backward(
     linear_bias: Tensor | None,
     target: Tensor,
     class_weight: Tensor | None,
-    lse: Tensor,
-    grad_lse: Tensor,
+    shift: Tensor,
+    logsum: Tensor,
+    grad_logsum: Tensor,
     grad_target_logit: Tensor,
     grad_smooth: Tensor,
     ignore_index: int,
@@ -157,15 +214,16 @@ def linear_ce_stats_backward(
     need_grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias); one not asked for is an empty (0,) tensor."""
-    check_runnable(input, linear_weight, linear_bias, target, class_weight, lse, grad_lse)
+    check_runnable(input, linear_weight, linear_bias, target, class_weight, shift, grad_logsum)
     return kernels("linear_cross_entropy").backward(
         input,
         linear_weight,
         linear_bias,
         target,
         class_weight,
-        lse,
-        grad_lse,
+        shift,
+        logsum,
+        grad_logsum,
         grad_target_logit,
         grad_smooth,
         ignore_index,
@@ -178,23 +236,8 @@ def linear_ce_stats_backward(
 
 
 @linear_ce_stats_backward.register_fake
-def _(
-    input,
-    linear_weight,
-    linear_bias,
-    target,
-    class_weight,
-    lse,
-    grad_lse,
-    grad_target_logit,
-    grad_smooth,
-    ignore_index,
-    softcap,
-    with_smoothing,
-    need_grad_input,
-    need_grad_weight,
-    need_grad_bias,
-):
+def _(input, linear_weight, linear_bias, *args):
+    need_grad_input, need_grad_weight, need_grad_bias = args[-3:]
     need_grad_bias = need_grad_bias and linear_bias is not None
     bias_dtype = linear_bias.dtype if linear_bias is not None else compute_dtype(input.dtype)
     return (
@@ -206,14 +249,16 @@ def _(
 
 def _lce_setup_context(ctx, inputs, output):
     input, linear_weight, linear_bias, target, class_weight, ignore_index, softcap, smooth = inputs
-    ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, output[0])
+    shift, logsum = output[0], output[1]
+    ctx.mark_non_differentiable(shift)
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, shift, logsum)
     ctx.ignore_index = ignore_index
     ctx.softcap = softcap
     ctx.with_smoothing = smooth
 
 
-def _lce_backward(ctx, grad_lse, grad_target_logit, grad_smooth):
-    input, linear_weight, linear_bias, target, class_weight, lse = ctx.saved_tensors
+def _lce_backward(ctx, grad_shift, grad_logsum, grad_target_logit, grad_smooth):
+    input, linear_weight, linear_bias, target, class_weight, shift, logsum = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     grads: tuple[Tensor | None, ...] = (None, None, None)
     if need_input or need_weight or need_bias:
@@ -223,10 +268,11 @@ def _lce_backward(ctx, grad_lse, grad_target_logit, grad_smooth):
             linear_bias,
             target,
             class_weight,
-            lse,
-            _zeros_if_none(grad_lse, lse),
-            _zeros_if_none(grad_target_logit, lse),
-            _zeros_if_none(grad_smooth, lse),
+            shift,
+            logsum,
+            _zeros_if_none(grad_logsum, logsum),
+            _zeros_if_none(grad_target_logit, logsum),
+            _zeros_if_none(grad_smooth, logsum),
             ctx.ignore_index,
             ctx.softcap,
             ctx.with_smoothing,
@@ -246,7 +292,8 @@ linear_ce_stats.register_autograd(_lce_backward, setup_context=_lce_setup_contex
 
 
 def loss_from_stats(
-    lse: Tensor,
+    shift: Tensor,
+    logsum: Tensor,
     target_logit: Tensor,
     smooth: Tensor,
     target: Tensor,
@@ -262,19 +309,22 @@ def loss_from_stats(
     """Cross entropy from the per-row statistics, with torch's conventions.
 
     With ``keep_i = [t_i != ignore_index]``, ``w`` the class weight (1 if None), ``ε`` the label
-    smoothing and ``C`` the number of classes::
+    smoothing, ``C`` the number of classes, and the statistics relative to the row max ``m``
+    (``logsum = log Σ_c exp(z_c - m)``, ``zt = z_t - m``, ``smooth = Σ_c w_c (z_c - m)``)::
 
-        nll_i    = w_{t_i} * (lse_i - z_{i,t_i})                    = -w_t log_softmax(z)_t
-        smooth_i = (Σ_c w_c) * lse_i - Σ_c w_c z_ic                 = -Σ_c w_c log_softmax(z)_c
+        nll_i    = w_{t_i} * (logsum_i - zt_i)                   = -w_t log_softmax(z)_t
+        smooth_i = (Σ_c w_c) * logsum_i - smooth_i               = -Σ_c w_c log_softmax(z)_c
+        lse_i    = m_i + logsum_i
         l_i      = keep_i * [(1 - ε) nll_i + (ε / C) smooth_i + z_loss * lse_i**2]
         'mean'   = Σ_i l_i / Σ_i keep_i w_{t_i}     (NaN when every row is ignored, as torch)
 
-    The z-loss term is not class-weighted but shares the mean's denominator.
+    The z-loss term is not class-weighted but shares the mean's denominator. Working relative to
+    ``m`` is what torch's ``log_softmax`` does: no rounding of ``m + logsum`` enters the loss.
     """
     keep = target != ignore_index
-    nll = lse - target_logit
+    nll = logsum - target_logit
     if class_weight is not None:
-        class_weight = class_weight.to(lse.dtype)
+        class_weight = class_weight.to(logsum.dtype)
         target_weight = class_weight[target.clamp(0, max(n_classes - 1, 0))]
         loss = target_weight * nll
     else:
@@ -282,10 +332,10 @@ def loss_from_stats(
         loss = nll
     if label_smoothing > 0.0:
         total_weight = class_weight.sum() if class_weight is not None else float(n_classes)
-        smooth_loss = total_weight * lse - smooth
+        smooth_loss = total_weight * logsum - smooth
         loss = (1.0 - label_smoothing) * loss + (label_smoothing / n_classes) * smooth_loss
     if z_loss != 0.0:
-        loss = loss + z_loss * lse.square()
+        loss = loss + z_loss * (shift + logsum).square()
     loss = torch.where(keep, loss, 0.0)
     if reduction == "none":
         return loss.to(out_dtype)
@@ -295,7 +345,7 @@ def loss_from_stats(
     if target_weight is not None:
         denominator = torch.where(keep, target_weight, 0.0).sum()
     else:
-        denominator = keep.sum().to(lse.dtype)
+        denominator = keep.sum().to(logsum.dtype)
     return (total / denominator).to(out_dtype)
 
 
@@ -371,3 +421,58 @@ def _bce_backward(ctx, grad):
 
 
 bce_with_logits.register_autograd(_bce_backward, setup_context=_bce_setup_context)
+
+
+def _bce_grads_torch(grad, input, target, weight, pos_weight, reduction, need_input, need_target):
+    """What ``bce_with_logits_backward`` computes, in differentiable torch ops."""
+    dtype = compute_dtype(input.dtype, target.dtype)
+    x, y, g = input.to(dtype), target.to(dtype), grad.to(dtype)
+    if reduction == "mean":
+        g = g / input.numel()
+    if weight is not None:
+        g = g * weight.to(dtype)
+    p = pos_weight.to(dtype) if pos_weight is not None else None
+    outputs = []
+    if need_input:
+        if p is not None:
+            t = p * y
+            dx = (t + 1.0 - y) * torch.sigmoid(x) - t
+        else:
+            dx = torch.sigmoid(x) - y
+        outputs.append((dx * g).to(input.dtype))
+    if need_target:
+        dy = (1.0 - p) * torch.nn.functional.logsigmoid(x) - x if p is not None else -x
+        outputs.append((dy * g).to(target.dtype))
+    return outputs
+
+
+def _bce_backward_setup_context(ctx, inputs, output):
+    grad, input, target, weight, pos_weight, reduction, need_input, need_target = inputs
+    ctx.save_for_backward(grad, input, target, weight, pos_weight)
+    ctx.reduction = reduction
+    ctx.need = (need_input, need_target)
+
+
+def _bce_double_backward(ctx, grad_grad_input, grad_grad_target):
+    """Double backward through the torch re-expression (second order only, as for CE)."""
+    grad, input, target, weight, pos_weight = ctx.saved_tensors
+    need_input, need_target = ctx.need
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (grad, input, target)]
+        outputs = _bce_grads_torch(
+            *leaves, weight, pos_weight, ctx.reduction, need_input, need_target
+        )
+        upstream = [g for g, need in zip((grad_grad_input, grad_grad_target), ctx.need, strict=True)
+                    if need]  # fmt: skip
+        pairs = [(o, u) for o, u in zip(outputs, upstream, strict=True) if u is not None]
+        grads = (None, None, None)
+        if pairs:
+            grads = torch.autograd.grad(
+                [o for o, _ in pairs], leaves, [u for _, u in pairs], allow_unused=True
+            )
+    return (*grads, None, None, None, None, None)
+
+
+bce_with_logits_backward.register_autograd(
+    _bce_double_backward, setup_context=_bce_backward_setup_context
+)

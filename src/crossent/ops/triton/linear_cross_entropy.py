@@ -1,28 +1,32 @@
 # Linear cross entropy: logits = input @ linear_weight.T + bias, fused with the softmax statistics.
 # - reads:  input (N, D), linear_weight (V, D), optional bias (V,), target (N,) int64, optional
-#           class weight (V,); the backward also reads lse (N,) and the upstream gradients of the
-#           three statistics (N,) each.
-# - writes: forward: per-(row, vocabulary split) partial statistics (N, S), combined on the host
-#           into lse, target logit and weighted logit sum, (N,) each. Backward: gradients w.r.t.
-#           input, linear_weight and bias, accumulated with atomic adds into zeroed float32
-#           buffers (float64 for float64 data) and cast to the parameters' dtypes at the end.
+#           class weight (V,); the backward also reads the saved shift and logsum (N,) and the
+#           upstream gradients of the three differentiable statistics, (N,) each.
+# - writes: forward: per-(row, vocabulary slice) partial statistics (N, S), merged on the host
+#           into shift, logsum, target logit and weighted logit sum, (N,) each. Backward:
+#           gradients w.r.t. input, linear_weight and bias, accumulated with atomic adds into
+#           zeroed float32 buffers (float64 for float64 data), cast to the parameters' dtypes.
 # - assumes: logit tiles of BLOCK_N x BLOCK_V live only in registers (N x V logits never reach
 #           global memory); tl.dot accumulates in float32; 64-bit row/column offsets; rows whose
 #           target is ignore_index are skipped in the backward.
 """Triton kernels for linear cross entropy (a classifier layer fused with cross entropy).
+
+The statistics are those of ``cross_entropy.py`` (see its docstring): per row the shift
+``m`` (row max), ``logsum = log Σ exp(z - m)`` (so ``lse = m + logsum``, unevaluated), the target
+logit and the class-weighted logit sum relative to ``m``.
 
 Forward, per program (a block of BLOCK_N rows, one of S slices of the vocabulary): for each
 vocabulary tile, ``acc = X[rows] @ W[cols].T`` is accumulated over BLOCK_D slices of the hidden
 dimension (``tl.dot``, float32 accumulator), the bias is added and the soft-cap applied, and the
 tile is folded into a running max / rescaled sum of exponentials (online softmax), the target
 logit (picked out of the same tile, so it has exactly the precision of the log-sum-exp) and the
-class-weighted logit sum. The S partial results per row are merged on the host with one
-``logsumexp`` over (N, S) values; S is chosen so that enough programs exist to fill the GPU.
+class-weighted logit sum. The S partial results per row are merged on the host with a few
+(N, S) torch ops; S is chosen so that enough programs exist to fill the GPU.
 
 Backward, per program (one BLOCK_N x BLOCK_V tile, grouped so that concurrent programs share
 input rows and weight tiles in L2): recompute the logit tile, form ::
 
-    dz = g_lse * softmax(z) + g_zt * onehot(t) + g_smooth * w       (times 1 - tanh^2 with softcap)
+    dz = g_logsum * softmax(z) + g_zt * onehot(t) + g_smooth * w    (times 1 - tanh^2 with softcap)
 
 then, for each BLOCK_D slice, ``dX[rows] += dz @ W[cols]`` and ``dW[cols] += dz.T @ X[rows]``
 (``tl.dot``, then atomic adds into float32 buffers) and ``db[cols] += Σ_rows dz``. No gradient
@@ -36,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import dot_acc, softcap_tanh
+from ._helpers import dot_acc, softcap_slope, softcap_tanh
 from ._runtime import compute_dtype, interpreting, sm_count, tl_dtype
 
 
@@ -55,9 +59,7 @@ def _logit_tile(
     cols64,
     col_mask,
     D,
-    softcap,
     HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     COMPUTE: tl.constexpr,
@@ -65,7 +67,7 @@ def _logit_tile(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """(BLOCK_N, BLOCK_V) tile of softcap(X @ W.T + b) in COMPUTE precision."""
+    """(BLOCK_N, BLOCK_V) tile of X @ W.T + b in COMPUTE precision (before soft-capping)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=COMPUTE)
     dims = tl.arange(0, BLOCK_D)
     for d_start in range(0, D, BLOCK_D):
@@ -85,8 +87,6 @@ def _logit_tile(
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols64 * stride_b, mask=col_mask, other=0.0).to(COMPUTE)
         acc += bias[None, :]
-    if HAS_SOFTCAP:
-        acc = softcap_tanh(acc, softcap)
     return acc
 
 
@@ -106,6 +106,7 @@ def _forward_kernel(
     part_sum_ptr,
     part_target_ptr,
     part_smooth_ptr,
+    part_weight_sum_ptr,
     N,
     V,
     D,
@@ -131,9 +132,11 @@ def _forward_kernel(
     target = tl.load(target_ptr + rows64, mask=row_mask, other=-1)
 
     running_max = tl.full((BLOCK_N,), float("-inf"), COMPUTE)
-    running_sum = tl.zeros((BLOCK_N,), dtype=COMPUTE)
-    target_logit = tl.zeros((BLOCK_N,), dtype=COMPUTE)
-    smooth = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+    shift = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+    running_sum = tl.zeros((BLOCK_N,), dtype=COMPUTE)  # Σ exp(z - shift)
+    target_logit = tl.zeros((BLOCK_N,), dtype=COMPUTE)  # raw z_t (0 if not in this slice)
+    smooth = tl.zeros((BLOCK_N,), dtype=COMPUTE)  # Σ w (z - shift)
+    weight_sum = tl.zeros((), dtype=COMPUTE)  # Σ w over this slice's classes so far
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
     for v_start in range(v_begin, v_end, BLOCK_V):
@@ -142,23 +145,29 @@ def _forward_kernel(
         cols64 = cols.to(tl.int64)
         z = _logit_tile(
             x_ptr, stride_xn, stride_xd, w_ptr, stride_wv, stride_wd, b_ptr, stride_b,
-            rows64, row_mask, cols64, col_mask, D, softcap,
-            HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, IEEE_DOT, COMPUTE, BLOCK_N, BLOCK_V, BLOCK_D,
+            rows64, row_mask, cols64, col_mask, D,
+            HAS_BIAS, UPCAST_DOT, IEEE_DOT, COMPUTE, BLOCK_N, BLOCK_V, BLOCK_D,
         )  # fmt: skip
+        if HAS_SOFTCAP:
+            z = softcap_tanh(z, softcap)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, 1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(
-            tl.exp(z - shift[:, None]), 1
+        new_shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - new_shift) + tl.sum(
+            tl.exp(z - new_shift[:, None]), 1
         )
-        running_max = new_max
         target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), 1)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 w = tl.load(class_weight_ptr + cols64, mask=col_mask, other=0.0).to(COMPUTE)
-                smooth += tl.sum(tl.where(col_mask[None, :], w[None, :] * z, 0.0), 1)
             else:
-                smooth += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+                w = tl.where(col_mask, 1.0, 0.0).to(COMPUTE)
+            smooth = smooth - (new_shift - shift) * weight_sum  # re-base: terms stay <= 0
+            rel = tl.where(col_mask[None, :], w[None, :] * (z - new_shift[:, None]), 0.0)
+            smooth += tl.sum(rel, 1)
+            weight_sum += tl.sum(w, 0)
+        running_max = new_max
+        shift = new_shift
 
     out = rows64 * n_splits + split
     tl.store(part_max_ptr + out, running_max, mask=row_mask)
@@ -166,6 +175,9 @@ def _forward_kernel(
     tl.store(part_target_ptr + out, target_logit, mask=row_mask)
     if HAS_SMOOTHING:
         tl.store(part_smooth_ptr + out, smooth, mask=row_mask)
+        tl.store(
+            part_weight_sum_ptr + out, tl.zeros((BLOCK_N,), COMPUTE) + weight_sum, mask=row_mask
+        )
 
 
 @triton.jit
@@ -180,8 +192,9 @@ def _backward_kernel(
     stride_b,
     target_ptr,
     class_weight_ptr,
-    lse_ptr,
-    grad_lse_ptr,
+    shift_ptr,
+    logsum_ptr,
+    grad_logsum_ptr,
     grad_target_logit_ptr,
     grad_smooth_ptr,
     grad_x_ptr,
@@ -229,13 +242,17 @@ def _backward_kernel(
         cols64 = cols.to(tl.int64)
         z = _logit_tile(
             x_ptr, stride_xn, stride_xd, w_ptr, stride_wv, stride_wd, b_ptr, stride_b,
-            rows64, row_mask, cols64, col_mask, D, softcap,
-            HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, IEEE_DOT, COMPUTE, BLOCK_N, BLOCK_V, BLOCK_D,
+            rows64, row_mask, cols64, col_mask, D,
+            HAS_BIAS, UPCAST_DOT, IEEE_DOT, COMPUTE, BLOCK_N, BLOCK_V, BLOCK_D,
         )  # fmt: skip
-        lse = tl.load(lse_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
-        g_lse = tl.load(grad_lse_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
+        if HAS_SOFTCAP:
+            raw = z
+            z = softcap_tanh(raw, softcap)
+        shift = tl.load(shift_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
+        logsum = tl.load(logsum_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
+        g_logsum = tl.load(grad_logsum_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
         g_zt = tl.load(grad_target_logit_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
-        dz = g_lse[:, None] * tl.exp(z - lse[:, None])
+        dz = g_logsum[:, None] * tl.exp((z - shift[:, None]) - logsum[:, None])
         dz += tl.where(cols[None, :] == target[:, None], g_zt[:, None], 0.0)
         if HAS_SMOOTHING:
             g_smooth = tl.load(grad_smooth_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
@@ -245,8 +262,7 @@ def _backward_kernel(
             else:
                 dz += g_smooth[:, None]
         if HAS_SOFTCAP:
-            tanh = z / softcap
-            dz = dz * (1.0 - tanh * tanh)
+            dz = dz * softcap_slope(raw, softcap)
         dz = tl.where(active[:, None] & col_mask[None, :], dz, 0.0)
 
         if NEED_GRAD_B:
@@ -289,7 +305,7 @@ def _backward_kernel(
                 )
 
 
-def _config(dtype: torch.dtype, backward: bool) -> dict[str, int]:
+def _config(dtype: torch.dtype, backward: bool, softcap: bool = False) -> dict[str, int]:
     """Tile sizes and launch options.
 
     Interpreter: the smallest tiles ``tl.dot`` accepts (16), so tests with small shapes still
@@ -298,15 +314,19 @@ def _config(dtype: torch.dtype, backward: bool) -> dict[str, int]:
 
     * 16-bit data: 128 x 128 logit tiles (wgmma), 8 warps; the forward streams 64-wide hidden
       slices in 3 stages; the backward holds the dz tile and two products, so its hidden slices
-      are 32 wide to stay in registers (64 spilled 880 bytes of stack per thread).
+      are 32 wide to stay in registers (64 spilled 880 bytes of stack per thread), and with
+      soft-capping (one more live tile: the slope) its tiles are 64 x 128 (128 x 128 spilled
+      464 bytes).
     * float32/float64: 32 x 64 x 32 tiles, 4 warps; their products run on the FMA units (or TF32
       when torch's float32 matmul precision allows it) and larger tiles spill.
     """
     if interpreting():
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, GROUP_N=2, num_warps=1, num_stages=1)
     if dtype in (torch.float16, torch.bfloat16):
-        block_d = 32 if backward else 64
-        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=block_d, GROUP_N=8, num_warps=8, num_stages=3)
+        if not backward:
+            return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8, num_warps=8, num_stages=3)
+        block_n = 64 if softcap else 128
+        return dict(BLOCK_N=block_n, BLOCK_V=128, BLOCK_D=32, GROUP_N=8, num_warps=8, num_stages=3)
     return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, GROUP_N=8, num_warps=4, num_stages=2)
 
 
@@ -331,8 +351,11 @@ def forward(
     class_weight: torch.Tensor | None,
     softcap: float,
     with_smoothing: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (lse, target logit, weighted logit sum) of ``softcap(input @ linear_weight.T + b)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (shift, logsum, target logit, weighted logit sum) of ``softcap(x @ W.T + b)``.
+
+    The statistics of ``cross_entropy.forward`` (see that module's docstring): ``lse = shift +
+    logsum`` as an unevaluated sum, the last two relative to the shift.
 
     Args:
         input: (N, D) floating, any strides.
@@ -344,7 +367,7 @@ def forward(
         with_smoothing: compute the weighted logit sum (else zeros).
 
     Returns:
-        Three (N,) tensors in float32 (float64 for float64 data).
+        Four (N,) tensors in float32 (float64 for float64 data).
     """
     n_rows, hidden = input.shape
     n_classes = linear_weight.shape[0]
@@ -354,14 +377,16 @@ def forward(
     n_row_blocks = triton.cdiv(n_rows, cfg["BLOCK_N"])
     n_col_tiles = triton.cdiv(n_classes, cfg["BLOCK_V"])
     if n_rows == 0 or n_classes == 0:
-        lse = torch.full((n_rows,), float("-inf"), dtype=stats_dtype, device=device)
-        return lse, torch.zeros_like(lse), torch.zeros_like(lse)
+        zeros = [torch.zeros(n_rows, dtype=stats_dtype, device=device) for _ in range(4)]
+        zeros[1].fill_(float("-inf"))  # logsum of no classes
+        return tuple(zeros)
     # Split the vocabulary so that about two programs per SM exist even for short batches.
     splits = max(1, min(n_col_tiles, triton.cdiv(2 * sm_count(device), n_row_blocks)))
     tiles_per_split = triton.cdiv(n_col_tiles, splits)
     splits = triton.cdiv(n_col_tiles, tiles_per_split)
-    partials = torch.zeros((4, n_rows, splits), dtype=stats_dtype, device=device)
-    part_max, part_sum, part_target, part_smooth = partials.unbind(0)
+    part_max, part_sum, part_target, part_smooth, part_weight_sum = (
+        torch.zeros((n_rows, splits), dtype=stats_dtype, device=device) for _ in range(5)
+    )
     _forward_kernel[(n_row_blocks, splits)](
         input,
         input.stride(0),
@@ -377,6 +402,7 @@ def forward(
         part_sum,
         part_target,
         part_smooth,
+        part_weight_sum,
         n_rows,
         n_classes,
         hidden,
@@ -395,9 +421,15 @@ def forward(
         num_stages=cfg["num_stages"],
         **_dot_flags(input.dtype),
     )
-    # Merge the vocabulary slices: lse = log Σ_s exp(max_s) * sum_s.
-    lse = torch.logsumexp(part_max + part_sum.log(), dim=1)
-    return lse, part_target.sum(dim=1), part_smooth.sum(dim=1)
+    # Merge the vocabulary slices onto the row's overall shift (each slice's sums are relative
+    # to its own shift; a slice of -inf logits has max -inf, shift 0 and sums 0).
+    row_max = part_max.amax(dim=1)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    part_shift = torch.where(part_max == float("-inf"), 0.0, part_max)
+    logsum = (part_sum * torch.exp(part_max - shift[:, None])).sum(dim=1).log()
+    target_logit = part_target.sum(dim=1) - shift
+    smooth = (part_smooth - (shift[:, None] - part_shift) * part_weight_sum).sum(dim=1)
+    return shift, logsum, target_logit, smooth
 
 
 def backward(
@@ -406,8 +438,9 @@ def backward(
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
     class_weight: torch.Tensor | None,
-    lse: torch.Tensor,
-    grad_lse: torch.Tensor,
+    shift: torch.Tensor,
+    logsum: torch.Tensor,
+    grad_logsum: torch.Tensor,
     grad_target_logit: torch.Tensor,
     grad_smooth: torch.Tensor,
     ignore_index: int,
@@ -417,7 +450,7 @@ def backward(
     need_grad_weight: bool,
     need_grad_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients w.r.t. input, linear_weight and bias from those of the three statistics.
+    """Gradients w.r.t. input, linear_weight and bias from those of the statistics.
 
     Returns:
         (grad_input (N, D), grad_weight (V, D), grad_bias (V,)) in the dtypes of input,
@@ -436,7 +469,7 @@ def backward(
     )
     grad_b = torch.zeros((n_classes,) if need_grad_bias else (0,), dtype=acc_dtype, device=device)
     if n_rows > 0 and n_classes > 0 and (need_grad_input or need_grad_weight or need_grad_bias):
-        cfg = _config(input.dtype, backward=True)
+        cfg = _config(input.dtype, backward=True, softcap=softcap != 0.0)
         n_tiles = triton.cdiv(n_rows, cfg["BLOCK_N"]) * triton.cdiv(n_classes, cfg["BLOCK_V"])
         _backward_kernel[(n_tiles,)](
             input,
@@ -449,8 +482,9 @@ def backward(
             linear_bias.stride(0) if linear_bias is not None else 0,
             target,
             class_weight if class_weight is not None else input,
-            lse,
-            grad_lse.contiguous(),
+            shift,
+            logsum,
+            grad_logsum.contiguous(),
             grad_target_logit.contiguous(),
             grad_smooth.contiguous(),
             grad_x,
