@@ -600,3 +600,29 @@ def test_select_backend_leaves_transforms_to_torch(monkeypatch):
         seen.append(select_backend(fwAD.make_dual(torch.randn(3), torch.ones(3))))
     assert seen == ["torch", "torch", "torch"]
     assert select_backend(torch.randn(3)) == "triton"
+
+
+def test_large_logits_are_exact_relative_to_the_row_max():
+    # lse = max + logsum is never rounded as one number: logits of 1e4 or 3e38 lose nothing.
+    logits = torch.tensor([[1e4, 1e4 - 1.0, 0.0], [3e38, 3e38, 0.0], [-3e38, 0.0, 1.0]])
+    target = torch.tensor([1, 2, 0])
+    x, ref_x = leaf(logits.to(DEVICE)), leaf(logits.double())
+    out = ct.cross_entropy(x, target.to(DEVICE), reduction="none", label_smoothing=0.1)
+    ref = F.cross_entropy(ref_x, target, reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-6, atol=0.0)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(x.grad.double().cpu(), ref_x.grad, rtol=1e-6, atol=1e-7)
+    # linear CE with logits in the thousands, target probabilities underflowing
+    inp, lin_w, bias, lt, _ = make_lce(n=20, d=24, v=50, n_ignored=0)
+    inp = inp * 300.0
+    leaves = [leaf(t) for t in (inp, lin_w, bias)]
+    refs = [leaf(t.double().cpu()) for t in (inp, lin_w, bias)]
+    out = ct.linear_cross_entropy(*leaves[:2], lt, linear_bias=leaves[2], softcap=50.0)
+    ref = lce_oracle(*refs[:2], lt.cpu(), linear_bias=refs[2], softcap=50.0)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=0.0)
+    out.backward()
+    ref.backward()
+    for got, want in zip(leaves, refs, strict=True):
+        scale = want.grad.abs().max()
+        torch.testing.assert_close(got.grad.double().cpu(), want.grad, rtol=0, atol=1e-5 * scale)
