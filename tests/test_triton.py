@@ -626,3 +626,22 @@ def test_large_logits_are_exact_relative_to_the_row_max():
     for got, want in zip(leaves, refs, strict=True):
         scale = want.grad.abs().max()
         torch.testing.assert_close(got.grad.double().cpu(), want.grad, rtol=0, atol=1e-5 * scale)
+
+
+def test_kernels_follow_the_interpreter_setting(monkeypatch):
+    # Kernel modules are (re-)decorated for the mode in force at the call, not at import.
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    kernels = ct._runtime.kernels
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert isinstance(kernels("cross_entropy")._forward_kernel, JITFunction)
+    assert isinstance(kernels("_helpers").softcap_tanh, JITFunction)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert isinstance(kernels("cross_entropy")._forward_kernel, InterpretedFunction)
+    assert isinstance(kernels("_helpers").softcap_tanh, InterpretedFunction)
+    if DEVICE == "cpu":
+        logits, target, _ = make_ce(n=4, v=8)
+        ref = F.cross_entropy(logits, target)
+        torch.testing.assert_close(ct.cross_entropy(logits, target, softcap=None), ref, **F32)
+    assert callable(ct.cross_entropy) and callable(ct.linear_cross_entropy)
