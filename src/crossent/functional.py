@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 
-def _backend(*tensors: Tensor) -> str:
+def _backend(*tensors: Tensor | None) -> str:
     try:
         from crossent._backend import select_backend
     except ImportError:  # pragma: no cover - the dispatch module ships with the package
@@ -123,7 +123,7 @@ def binary_cross_entropy_with_logits(
         )  # fmt: skip
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     _checks.check_binary_cross_entropy_with_logits(input, target, weight, pos_weight)
-    if _backend(input, target) == "triton":
+    if _backend(input, target, weight, pos_weight) == "triton":
         from crossent.ops import triton as triton_ops
 
         return triton_ops.binary_cross_entropy_with_logits(
@@ -255,7 +255,7 @@ def cross_entropy(
         return eager.cross_entropy_probs(input, target, weight, label_smoothing, reduction)
     label_smoothing = _checks.check_label_smoothing(label_smoothing)
     _check_index_targets(input, target, weight, ignore_index, "log_softmax_lastdim_kernel_impl")
-    if input.dim() == 2 and _backend(input, target) == "triton":
+    if input.dim() == 2 and _backend(input, target, weight) == "triton":
         from crossent.ops import triton as triton_ops
 
         return triton_ops.cross_entropy(
