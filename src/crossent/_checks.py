@@ -7,8 +7,10 @@ say what was wrong, what was expected and what was given.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
+from numbers import Real
 from typing import Literal
 
 import torch
@@ -426,3 +428,32 @@ def check_cross_entropy_prob(
     n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
     check_class_weight(weight, n_classes, input.dtype, prefix="cross_entropy: ")
     check_floating(input, "log_softmax_lastdim_kernel_impl")
+
+
+# --------------------------------------------------------------------------------------------
+# Options of the linear and vocab-parallel losses (not in torch's signatures).
+
+
+def check_z_loss(z_loss: object, fn: str) -> float:
+    """``z_loss`` is the coefficient of lse**2: a finite real number >= 0."""
+    if isinstance(z_loss, bool) or not isinstance(z_loss, Real):
+        raise TypeError(f"{fn}: z_loss must be a real number, got {type(z_loss).__name__}")
+    if not (math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(
+            f"{fn}: z_loss must be a finite number >= 0 (the coefficient of lse**2), got {z_loss}"
+        )
+    return float(z_loss)
+
+
+def check_chunk_size(chunk_size: object, fn: str) -> int | None:
+    """``chunk_size`` (rows per chunk) is None (automatic) or an int >= 1."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(
+            f"{fn}: chunk_size must be None or an int (rows per chunk), got "
+            f"{type(chunk_size).__name__}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be >= 1 (rows per chunk), got {chunk_size}")
+    return chunk_size

@@ -62,12 +62,14 @@ from torch.autograd.function import once_differentiable
 
 from crossent._checks import (
     Reduction,
+    check_chunk_size,
     check_floating,
     check_ignore_index,
     check_index_target_dtype,
     check_label_smoothing,
     check_not_differentiable,
     check_reduction,
+    check_z_loss,
     scalar_type_name,
 )
 
@@ -258,19 +260,10 @@ def _check_options(
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
     label_smoothing = check_label_smoothing(label_smoothing)  # > 1 raises, < 0 means 0
-    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
-        raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
-    if not (math.isfinite(z_loss) and z_loss >= 0.0):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(
-                f"chunk_size must be None or an int (rows per chunk), got "
-                f"{type(chunk_size).__name__}"
-            )
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 (rows per chunk), got {chunk_size}")
-    return _Options(reduction, ignore_index, label_smoothing, float(z_loss), chunk_size)
+    fn = "vocab_parallel_cross_entropy"
+    z_loss = check_z_loss(z_loss, fn)
+    chunk_size = check_chunk_size(chunk_size, fn)
+    return _Options(reduction, ignore_index, label_smoothing, z_loss, chunk_size)
 
 
 def _require_tensor(value: object, name: str) -> None:

@@ -130,16 +130,6 @@ def _short(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _check_z_loss(z_loss: object) -> float:
-    if isinstance(z_loss, bool) or not isinstance(z_loss, Real):
-        raise TypeError(f"{_FN}: z_loss must be a real number, got {type(z_loss).__name__}")
-    if not (math.isfinite(z_loss) and z_loss >= 0):
-        raise ValueError(
-            f"{_FN}: z_loss must be a finite number >= 0 (the coefficient of lse**2), got {z_loss}"
-        )
-    return float(z_loss)
-
-
 def _check_softcap(softcap: object) -> float | None:
     if softcap is None:
         return None
@@ -153,19 +143,6 @@ def _check_softcap(softcap: object) -> float | None:
             f"softcap * tanh(logits / softcap)), got {softcap}"
         )
     return float(softcap)
-
-
-def _check_chunk_size(chunk_size: object) -> int | None:
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(
-            f"{_FN}: chunk_size must be None or an int (rows per chunk), got "
-            f"{type(chunk_size).__name__}"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"{_FN}: chunk_size must be >= 1 (rows per chunk), got {chunk_size}")
-    return chunk_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,9 +243,9 @@ def linear_cross_entropy(
     _checks.check_class_weight(weight, n_classes, input.dtype)
     _checks.check_not_differentiable(_FN, "weight", weight)
     label_smoothing = _checks.check_label_smoothing(label_smoothing)
-    z_loss = _check_z_loss(z_loss)
+    z_loss = _checks.check_z_loss(z_loss, _FN)
     softcap = _check_softcap(softcap)
-    chunk_size = _check_chunk_size(chunk_size)
+    chunk_size = _checks.check_chunk_size(chunk_size, _FN)
     _checks.check_target_range(target, n_classes, ignore_index)
 
     x2d = input.reshape(-1, input.shape[-1])  # (N, D), a view when it can be
@@ -351,9 +328,9 @@ class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
         )
-        self.z_loss = _check_z_loss(z_loss)
+        self.z_loss = _checks.check_z_loss(z_loss, _FN)
         self.softcap = _check_softcap(softcap)
-        self.chunk_size = _check_chunk_size(chunk_size)
+        self.chunk_size = _checks.check_chunk_size(chunk_size, _FN)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """Loss of ``self.linear(input)`` against ``target``; see :func:`linear_cross_entropy`."""
