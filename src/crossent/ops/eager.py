@@ -267,6 +267,13 @@ def _safe_target(target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     return torch.where(keep, t, 0), keep
 
 
+def _kept_weight_sum(keep: Tensor, w_t: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Σ w[t_i] over kept rows (their count without a weight): the 'mean' denominator."""
+    if w_t is None:
+        return keep.sum().to(dtype)
+    return torch.where(keep, w_t, 0.0).sum()
+
+
 def nll_loss(
     log_probs: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str
 ) -> Tensor:
@@ -276,13 +283,9 @@ def nll_loss(
         target = target.reshape(())
     safe, keep = _safe_target(target, ignore_index)
     picked = log_probs.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
-    if weight is not None:
-        w_t = weight[safe]
-        loss = torch.where(keep, -(w_t * picked), 0.0)
-        total_weight = torch.where(keep, w_t, 0.0).sum()
-    else:
-        loss = torch.where(keep, -picked, 0.0)
-        total_weight = keep.sum().to(log_probs.dtype)
+    w_t = None if weight is None else weight[safe]
+    loss = torch.where(keep, -picked if w_t is None else -(w_t * picked), 0.0)
+    total_weight = _kept_weight_sum(keep, w_t, log_probs.dtype)
     if reduction == "none":
         return loss.to(log_probs.dtype)
     # Reduce in float32 for float16/bfloat16 (torch accumulates in its accscalar type).
@@ -325,12 +328,6 @@ def cross_entropy_probs(
 # Cross entropy with class indices.
 
 
-def _smoothing_denominator(keep: Tensor, w_t: Tensor | None, dtype: torch.dtype) -> Tensor:
-    if w_t is None:
-        return keep.sum().to(dtype)
-    return torch.where(keep, w_t, 0.0).sum()
-
-
 def cross_entropy_index_composed(
     logits: Tensor,
     target: Tensor,
@@ -362,7 +359,7 @@ def cross_entropy_index_composed(
         smooth_red = smooth.sum()
     else:
         w_t = None if weight is None else weight[safe]
-        smooth_red = smooth.sum() / _smoothing_denominator(keep, w_t, logits.dtype)
+        smooth_red = smooth.sum() / _kept_weight_sum(keep, w_t, logits.dtype)
     return ((1 - label_smoothing) * nll + (label_smoothing / n_classes) * smooth_red).to(
         logits.dtype
     )
@@ -430,7 +427,7 @@ class CrossEntropyIndex(torch.autograd.Function):
             loss = (1 - label_smoothing) * loss + (label_smoothing / n_classes) * torch.where(
                 keep, -smooth, 0.0
             )
-        denom = _smoothing_denominator(keep, w_t, stat_dtype)
+        denom = _kept_weight_sum(keep, w_t, stat_dtype)
         if reduction == "none":
             out = loss
         elif reduction == "sum":
