@@ -6,6 +6,8 @@ test (or a user) can flip it without re-importing anything:
 =========  ==========================================================================
 ``auto``   the default: Triton iff every tensor lives on a CUDA device, each floating
            tensor is float16, bfloat16 or float32, and ``triton`` imports; else torch.
+           ``triton`` is imported only once a call passes CUDA tensors: CPU-only use never
+           imports it.
 ``torch``  always the composed torch ops.
 ``triton`` always the Triton kernels. On CPU tensors this needs Triton's interpreter
            (``TRITON_INTERPRET=1`` set before the kernels are first used); without it a
@@ -128,12 +130,13 @@ def select_backend(*tensors: torch.Tensor | None) -> Backend:
                 f"{os.environ.get('TRITON_INTERPRET', '<unset>')!r}"
             )
         return "triton"
-    # auto
-    if not present or not triton_importable():
+    # auto: devices and dtypes first, so that a process that only ever passes CPU tensors never
+    # imports triton (about 90 MB of resident memory and a noticeable import time).
+    if not present:
         return "torch"
     for t in present:
         if t.device.type != "cuda":
             return "torch"
         if t.is_floating_point() and t.dtype not in _AUTO_DTYPES:
             return "torch"
-    return "triton"
+    return "triton" if triton_importable() else "torch"
