@@ -11,6 +11,7 @@ fails the test instead of blocking CI.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -185,6 +187,17 @@ def _run_linear(rank: int, world: int, case: dict) -> dict:
     return out
 
 
+class ShardStoreError(Exception):
+    """An exception type of no table: what a rank's checks might raise in the field."""
+
+
+class BadShardValue(ValueError):
+    """A user-defined ``ValueError``: the other ranks raise its builtin base."""
+
+
+_INJECTED = {"ShardStoreError": ShardStoreError, "BadShardValue": BadShardValue}
+
+
 def _run_bad(rank: int, world: int, case: dict) -> dict:
     """A valid call, except for what ``case['breaks'][rank]`` changes on this rank."""
     from crossent.distributed import (
@@ -197,6 +210,7 @@ def _run_bad(rank: int, world: int, case: dict) -> dict:
     hi = lo + case["sizes"][rank]
     kwargs = dict(weight=p["weight"], **_options(case))
     tensors = {"target": p["target"].clone()}
+    failure = None
     if case["fn"] == "linear":
         tensors["input"] = p["input"]
         tensors["weight_shard"] = p["classifier"][lo:hi].clone()
@@ -226,6 +240,8 @@ def _run_bad(rank: int, world: int, case: dict) -> dict:
             tensors["target"] = tensors["target"][:-1]
         elif key == "input_requires_grad":
             tensors["input"] = tensors["input"].clone().requires_grad_(value)
+        elif key == "fail_check":  # this rank's class-weight check raises _INJECTED[value]
+            failure = _INJECTED[value]("shard store unreachable")
         else:
             kwargs[key] = value
     fn = (
@@ -233,8 +249,12 @@ def _run_bad(rank: int, world: int, case: dict) -> dict:
         if case["fn"] == "linear"
         else (vocab_parallel_cross_entropy)
     )
+    import crossent.distributed
+
+    injected = mock.patch.object(crossent.distributed, "_check_class_weight", side_effect=failure)
     try:
-        fn(**tensors, **kwargs)
+        with injected if failure is not None else contextlib.nullcontext():
+            fn(**tensors, **kwargs)
     except Exception as exc:  # noqa: BLE001 - report whatever was raised to the parent
         return {"raised": type(exc).__name__, "message": str(exc)}
     return {"raised": None, "message": ""}
@@ -250,14 +270,14 @@ def _run_example(rank: int, world: int, case: dict) -> dict:
 _RUNNERS = {"ce": _run_ce, "linear": _run_linear, "bad": _run_bad, "example": _run_example}
 
 
-def _rank_main(rank: int, world: int, store: str, inbox, outbox) -> None:
+def _rank_main(rank: int, world: int, store: str, inbox, outbox, timeout_s: float) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
         "gloo",
         init_method=f"file://{store}",
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        timeout=datetime.timedelta(seconds=timeout_s),
     )
     try:
         while (case := inbox.get()) is not None:
@@ -278,8 +298,14 @@ def _rank_main(rank: int, world: int, store: str, inbox, outbox) -> None:
 class RankPool:
     """``world`` spawned processes in one gloo group, running cases on request."""
 
-    def __init__(self, world: int) -> None:
+    def __init__(
+        self,
+        world: int,
+        collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+        case_timeout_s: float = CASE_TIMEOUT_S,
+    ) -> None:
         self.world = world
+        self.case_timeout_s = case_timeout_s
         self._tmp = tempfile.TemporaryDirectory(prefix="crossent-dist-")
         ctx = mp.get_context("spawn")
         self._inboxes = [ctx.Queue() for _ in range(world)]
@@ -288,7 +314,7 @@ class RankPool:
         self._procs = [
             ctx.Process(
                 target=_rank_main,
-                args=(r, world, store, self._inboxes[r], self._outbox),
+                args=(r, world, store, self._inboxes[r], self._outbox, collective_timeout_s),
                 daemon=True,
             )  # fmt: skip
             for r in range(world)
@@ -306,11 +332,11 @@ class RankPool:
         results: dict[int, tuple] = {}
         while len(results) < self.world:
             try:
-                rank, result = self._outbox.get(timeout=CASE_TIMEOUT_S)
+                rank, result = self._outbox.get(timeout=self.case_timeout_s)
             except queue.Empty:
                 self.broken = True
                 pytest.fail(
-                    f"no answer within {CASE_TIMEOUT_S} s from ranks "
+                    f"no answer within {self.case_timeout_s} s from ranks "
                     f"{sorted(set(range(self.world)) - set(results))}: {case}"
                 )
             results[rank] = result
@@ -607,6 +633,80 @@ def test_bad_input_raises_on_every_rank(pools, world):
     # No rank was left inside a collective: a good call still matches torch.
     good = {"kind": "ce", "sizes": LAYOUTS[world][0], "shape": [4], "seed": 1, "weighted": True}
     _check_ce(pool.run(good), good)
+
+
+# A rank whose checks fail in a way no table lists must not leave the others in the all-gather.
+# These run in their own pools with a 5 s collective timeout: a hang fails the test in seconds
+# (the other ranks time out with a RuntimeError instead of raising the rank's exception) and
+# cannot spoil the shared pools of the tests above.
+FRAGILE_COLLECTIVE_TIMEOUT_S = 5
+
+
+@pytest.fixture(scope="module")
+def fragile_pools():
+    made: dict[int, RankPool] = {}
+
+    def get(world: int) -> RankPool:
+        if world not in made:
+            made[world] = RankPool(
+                world, FRAGILE_COLLECTIVE_TIMEOUT_S, 4 * FRAGILE_COLLECTIVE_TIMEOUT_S
+            )
+        return made[world]
+
+    yield get
+    for pool in made.values():
+        pool.close()
+
+
+def _raised_everywhere(pool: RankPool, fn: str, breaks: dict) -> list[dict]:
+    sizes = [3, 4, 2][: pool.world]
+    case = {"kind": "bad", "fn": fn, "sizes": sizes, "shape": [6], "seed": 5, "weighted": True,
+            "hidden": 3, "breaks": breaks}  # fmt: skip
+    return pool.run(case)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize(
+    "fn, breaks, expected_types, expected_text",
+    [
+        # beyond int64: OverflowError from the comparison with the target (torch: ValueError)
+        ("ce", {"1": {"ignore_index": 2**70}}, {"OverflowError", "ValueError"}, "rank 1"),
+        ("linear", {"0": {"ignore_index": -(2**70)}}, {"OverflowError", "ValueError"}, "rank 0"),
+        ("ce", {"0": {"fail_check": "ShardStoreError"}}, {"Exception"},
+         "ShardStoreError: shard store unreachable (seen on"),
+        ("linear", {"1": {"fail_check": "BadShardValue"}}, {"ValueError"},
+         "BadShardValue: shard store unreachable (seen on"),
+    ],
+    ids=["ignore-index-overflow", "linear-ignore-index-overflow", "custom-exception",
+         "custom-value-error"],
+)  # fmt: skip
+def test_any_exception_on_one_rank_raises_on_every_rank(
+    fragile_pools, world, fn, breaks, expected_types, expected_text
+):
+    """Whatever one rank's checks raise, every rank raises it at once (one type for all), and
+    the group still works after."""
+    pool = fragile_pools(world)
+    results = _raised_everywhere(pool, fn, breaks)
+    raised = [res["raised"] for res in results]
+    assert len(set(raised)) == 1 and raised[0] in expected_types, results
+    for res in results:
+        assert expected_text in res["message"], res["message"]
+    good = {"kind": "ce", "sizes": [3, 4, 2][:world], "shape": [4], "seed": 1, "weighted": True}
+    _check_ce(pool.run(good), good)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("fn", ["ce", "linear"])
+@pytest.mark.parametrize("dtype", ["int64", "float8_e4m3fn"])
+@pytest.mark.parametrize("where", ["every-rank", "last-rank"])
+def test_not_implemented_error_stays_not_implemented(fragile_pools, world, fn, dtype, where):
+    """Integer and float8 logits raise NotImplementedError (not its base RuntimeError) on every
+    rank, also alone in the group."""
+    ranks = range(world) if where == "every-rank" else [world - 1]
+    breaks = {str(r): {"dtype": dtype} for r in ranks}
+    for rank, res in enumerate(_raised_everywhere(fragile_pools(world), fn, breaks)):
+        assert res["raised"] == "NotImplementedError", (rank, res)
+        assert "not implemented" in res["message"], res["message"]
 
 
 # --------------------------------------------------------------------------------------------

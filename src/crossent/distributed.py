@@ -41,15 +41,17 @@ and ``L``), so the backward of :func:`vocab_parallel_cross_entropy` needs no com
 ``1 + 2`` floats (``+1`` with label smoothing): O(N), never O(N x V).
 
 Validation is collective: every rank checks its own arguments, one small all-gather exchanges
-the shard sizes together with an error code, the message and a few fingerprints (token count,
-dtype, options, target range, target and class-weight checksums), and then every rank raises the
-same exception, or none does. A bad input never hangs the group and never yields a silently
-wrong loss. Reading the gathered metadata is one host sync per call; ``check_inputs=False``
+the shard sizes together with an error flag, the exception's type and message and a few
+fingerprints (token count, dtype, options, target range, target and class-weight checksums), and
+then every rank raises the same exception, or none does. Any exception of a rank's checks takes
+part, whatever its type, so a bad input never hangs the group and never yields a silently wrong
+loss. Reading the gathered metadata is one host sync per call; ``check_inputs=False``
 removes it (shard offsets stay on the device) and trusts the inputs.
 """
 
 from __future__ import annotations
 
+import builtins
 import math
 import struct
 from dataclasses import dataclass
@@ -81,9 +83,7 @@ CHUNK_BUDGET_BYTES = 256 * 2**20
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
-# Exception types that cross the wire: index in this tuple + 1 is the error code.
-_ERROR_TYPES = (ValueError, RuntimeError, IndexError, TypeError, NotImplementedError)
-_MESSAGE_BYTES = 512
+_MESSAGE_BYTES = 512  # the exception's type name and message, as UTF-8
 _CHECKSUM_MODULUS = 65521  # position weights 1..65521 make the checksum order-sensitive
 
 
@@ -144,12 +144,14 @@ def vocab_parallel_cross_entropy(
             of another dtype, or requiring grad; logits dtype differing across ranks;
             ``torch.distributed`` not initialized.
         TypeError: ``ignore_index`` not an int, or arguments that are not tensors.
-        NotImplementedError: non-floating logits (torch's type for integer logits).
+        NotImplementedError: integer or float8 logits (torch's type for integer logits).
+
+        Whatever a rank's checks raise is raised on every rank, with the same builtin type.
     """
     group = _resolve_group(group)
     logits_2d = target_1d = None
     summary = _LocalSummary()
-    problem: BaseException | None = None
+    problem: Exception | None = None
     try:
         opts = _check_options(reduction, ignore_index, label_smoothing, z_loss, chunk_size)
         _check_logits_target(logits_shard, target)
@@ -157,7 +159,7 @@ def vocab_parallel_cross_entropy(
         logits_2d = logits_shard.reshape(target.numel(), logits_shard.shape[-1])  # (N, V_r)
         target_1d = target.reshape(-1)  # (N,)
         summary = _LocalSummary.of(opts, logits_2d, target_1d, weight)
-    except _ERROR_TYPES as exc:
+    except Exception as exc:  # any failure: every rank must learn of it, or the others hang
         if not check_inputs:
             raise
         problem = exc
@@ -212,7 +214,7 @@ def vocab_parallel_linear_cross_entropy(
     group = _resolve_group(group)
     input_2d = target_1d = None
     summary = _LocalSummary()
-    problem: BaseException | None = None
+    problem: Exception | None = None
     try:
         opts = _check_options(reduction, ignore_index, label_smoothing, z_loss, chunk_size)
         _check_linear(input, weight_shard, linear_bias_shard, target)
@@ -222,7 +224,7 @@ def vocab_parallel_linear_cross_entropy(
         summary = _LocalSummary.of(
             opts, input_2d, target_1d, weight, shard_size=weight_shard.shape[0], linear=True
         )
-    except _ERROR_TYPES as exc:
+    except Exception as exc:  # any failure: every rank must learn of it, or the others hang
         if not check_inputs:
             raise
         problem = exc
@@ -387,8 +389,9 @@ def _checksum(values: Tensor) -> Tensor:
 
 _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}
 
-# The int64 vector every rank contributes: an error code, fields known on the host, fields
-# computed on the data's device, then the error message (_MESSAGE_BYTES / 8 words).
+# The int64 vector every rank contributes: an error flag, fields known on the host, fields
+# computed on the data's device, then the exception's type and message (_MESSAGE_BYTES / 8
+# words).
 _HOST_FIELDS = (
     "shard_size", "tokens", "dtype", "hidden", "reduction", "ignore_index", "label_smoothing",
     "z_loss", "has_weight", "weight_size", "input_requires_grad",
@@ -458,7 +461,7 @@ class _Layout:
 def _agree_on_layout(
     group: dist.ProcessGroup,
     summary: _LocalSummary,
-    problem: BaseException | None,
+    problem: Exception | None,
     device: torch.device | None,
     check_inputs: bool,
 ) -> _Layout:
@@ -483,12 +486,14 @@ def _agree_on_layout(
     device_part = torch.zeros(len(_DEVICE_FIELDS), dtype=torch.int64, device=device)
     message = bytearray(_MESSAGE_BYTES)
     if problem is None:
-        header[1:] = torch.tensor(summary.host)
-        device_part = summary.device
-    else:
-        header[0] = _ERROR_TYPES.index(_error_type(problem)) + 1
-        text = str(problem.args[0]) if problem.args else str(problem)
-        raw = text.encode("utf-8")[:_MESSAGE_BYTES]
+        try:  # a field that does not fit in int64 is a problem like any other
+            header[1:] = torch.tensor(summary.host, dtype=torch.int64)
+            device_part = summary.device
+        except Exception as exc:
+            problem = exc
+    if problem is not None:
+        header[0] = 1
+        raw = _encode_problem(problem)
         message[: len(raw)] = raw
     message_words = torch.frombuffer(message, dtype=torch.int64)
     mine = torch.cat([header.to(device), device_part, message_words.to(device)])
@@ -500,13 +505,13 @@ def _agree_on_layout(
     for r, row in enumerate(table):
         if row[0]:
             words_of_message = torch.tensor(row[len(_FIELDS) :], dtype=torch.int64)
-            text = bytes(words_of_message.view(torch.uint8).tolist()).rstrip(b"\0")
-            exc_type = _ERROR_TYPES[row[0] - 1]
+            raw = bytes(words_of_message.view(torch.uint8).tolist())
+            exc_type, text = _decode_problem(raw)
             where = "this rank" if r == rank else f"rank {r}"
-            raise exc_type(
-                f"{text.decode('utf-8', 'ignore')} (seen on {where}: rank {r} of "
-                f"{world} in the vocab-parallel group)"
+            error = exc_type(
+                f"{text} (seen on {where}: rank {r} of {world} in the vocab-parallel group)"
             )
+            raise error from (problem if r == rank else None)
     _check_agreement(info)
     sizes = [row["shard_size"] for row in info]
     vocab = sum(sizes)
@@ -514,8 +519,35 @@ def _agree_on_layout(
     return _Layout(offset=sum(sizes[:rank]), vocab=vocab)
 
 
-def _error_type(exc: BaseException) -> type:
-    return next(t for t in _ERROR_TYPES if isinstance(exc, t))
+def _wire_type(exc: Exception) -> type[Exception]:
+    """The type every rank raises for ``exc``: its own if it is a builtin exception, else its
+    nearest builtin base class (so ``NotImplementedError`` stays itself, not its base
+    ``RuntimeError``, and ``torch.OutOfMemoryError`` becomes ``RuntimeError``)."""
+    for cls in type(exc).__mro__:
+        if getattr(builtins, cls.__name__, None) is cls and issubclass(cls, Exception):
+            try:
+                cls("")  # a type the other ranks can rebuild from a message alone
+            except Exception:
+                continue
+            return cls
+    return RuntimeError
+
+
+def _encode_problem(exc: Exception) -> bytes:
+    """``b"TypeName\\nmessage"``, cut to ``_MESSAGE_BYTES``."""
+    wire = _wire_type(exc)
+    text = str(exc.args[0]) if len(exc.args) == 1 else str(exc)
+    if wire is not type(exc):
+        text = f"{type(exc).__qualname__}: {text}"
+    return f"{wire.__name__}\n{text}".encode()[:_MESSAGE_BYTES]
+
+
+def _decode_problem(raw: bytes) -> tuple[type[Exception], str]:
+    name, _, text = raw.rstrip(b"\0").decode("utf-8", "ignore").partition("\n")
+    exc_type = getattr(builtins, name, None)
+    if not (isinstance(exc_type, type) and issubclass(exc_type, Exception)):
+        exc_type = RuntimeError
+    return exc_type, text
 
 
 def _check_agreement(info: list[dict[str, int]]) -> None:
