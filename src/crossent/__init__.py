@@ -19,7 +19,7 @@ _FUNCTIONAL = (
     "cross_entropy",
     "nll_loss",
 )
-_SUBMODULES = ("functional", "nn", "reference", "distributed", "linear")
+_SUBMODULES = ("functional", "nn", "reference", "distributed", "linear", "distillation")
 
 __all__ = [
     "binary_cross_entropy",
@@ -27,10 +27,12 @@ __all__ = [
     "cross_entropy",
     "nll_loss",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "__version__",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from crossent.distillation import linear_distillation_loss
     from crossent.functional import (
         binary_cross_entropy,
         binary_cross_entropy_with_logits,
@@ -45,6 +47,8 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module("crossent.functional"), name)
     if name == "linear_cross_entropy":
         return importlib.import_module("crossent.linear").linear_cross_entropy
+    if name == "linear_distillation_loss":
+        return importlib.import_module("crossent.distillation").linear_distillation_loss
     if name in _SUBMODULES:
         return importlib.import_module(f"crossent.{name}")
     raise AttributeError(f"module 'crossent' has no attribute {name!r}")
