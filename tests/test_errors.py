@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import crossent.functional as C
+import crossent.nn as CN
 
 f32 = torch.float32
 x34 = lambda: torch.rand(3, 4)  # noqa: E731
@@ -73,6 +75,17 @@ CASES = [
     ("weight requires grad", "cross_entropy", (logits(3, 5), idx(0, 1, 2)), dict(weight=torch.rand(5, requires_grad=True)), r"'nll_loss_forward' is not differentiable with respect to argument 'weight'"),
     ("label smoothing > 1", "cross_entropy", (logits(3, 5), idx(0, 1, 2)), dict(label_smoothing=1.5), r"label_smoothing must be between 0.0 and 1.0. Got: 1.5"),
     ("ignore_index None", "cross_entropy", (logits(3, 5), idx(0, 1, 2)), dict(ignore_index=None), r"argument 'ignore_index' must be int, not NoneType"),
+    ("ignore_index beyond int64", "cross_entropy", (logits(3, 5), idx(0, 1, 2)), dict(ignore_index=2**70), r"Overflow when unpacking long long.*'ignore_index' must fit in int64.*got 1180591620717411303424"),
+    ("ignore_index below int64 nll", "nll_loss", (logits(3, 5), idx(0, 1, 2)), dict(ignore_index=-(2**63) - 1), r"'ignore_index' must fit in int64.*got -9223372036854775809"),
+    ("ignore_index float tensor", "cross_entropy", (logits(3, 5), idx(0, 1, 2)), dict(ignore_index=torch.tensor(1.0)), r"argument 'ignore_index' must be int, not Tensor"),
+    ("ignore_index numpy bool", "nll_loss", (logits(3, 5), idx(0, 1, 2)), dict(ignore_index=np.bool_(True)), r"argument 'ignore_index' must be int, not bool"),
+    ("label_smoothing str", "cross_entropy", (logits(3, 5), idx(0, 1, 2)), dict(label_smoothing="0.1"), r"argument 'label_smoothing' must be float, not str: label smoothing is a float in \[0, 1\], got '0.1'"),
+    ("label_smoothing None", "cross_entropy", (logits(3, 5), idx(0, 1, 2)), dict(label_smoothing=None), r"argument 'label_smoothing' must be float, not NoneType"),
+    ("label_smoothing str prob", "cross_entropy", (logits(3, 5), torch.rand(3, 5)), dict(label_smoothing="0.1"), r"argument 'label_smoothing' must be float, not str"),
+    ("label_smoothing 1-D tensor", "cross_entropy", (logits(3, 5), idx(0, 1, 2)), dict(label_smoothing=torch.tensor([0.1])), r"argument 'label_smoothing' must be float, not Tensor.*shape \(1,\)"),
+    ("meta class weight", "cross_entropy", (logits(3, 5), idx(0, 1, 2)), dict(weight=torch.ones(5, device="meta")), r"Tensor on device meta is not on the expected device cpu!.*weight must be on the input's device cpu, got meta"),
+    ("meta class weight nll", "nll_loss", (logits(3, 5), idx(0, 1, 2)), dict(weight=torch.ones(5, device="meta")), r"Tensor on device meta is not on the expected device cpu!"),
+    ("meta class weight prob", "cross_entropy", (logits(3, 5), torch.rand(3, 5)), dict(weight=torch.ones(5, device="meta")), r"Tensor on device meta is not on the expected device cpu!"),
     ("int logits", "cross_entropy", (torch.ones(2, 5, dtype=torch.long), idx(1, 1)), {}, r"not implemented for 'Long'"),
     ("int log-probs", "nll_loss", (torch.ones(2, 5, dtype=torch.long), idx(1, 1)), {}, r"not implemented for 'Long'"),
     # --- CE with probability targets
@@ -117,4 +130,39 @@ def test_ignored_targets_are_not_range_checked():
     t = idx(0, 255, 4)
     torch.testing.assert_close(
         C.nll_loss(x, t, ignore_index=255), F.nll_loss(x, t, ignore_index=255)
+    )
+
+
+IGNORE_INDEX_FORMS = [np.int64(1), np.int32(1), np.int8(1), torch.tensor(1), torch.tensor([1])]
+
+
+@pytest.mark.parametrize("ignore_index", IGNORE_INDEX_FORMS, ids=repr)
+def test_ignore_index_as_numpy_integer_or_tensor_is_accepted_like_torch(ignore_index):
+    x, t = logits(4, 5), idx(0, 1, 2, 1)
+    for name in ("cross_entropy", "nll_loss"):
+        torch.testing.assert_close(
+            getattr(C, name)(x, t, ignore_index=ignore_index),
+            getattr(F, name)(x, t, ignore_index=ignore_index),
+        )
+        torch.testing.assert_close(
+            getattr(C, name)(x, t, ignore_index=ignore_index),
+            getattr(C, name)(x, t, ignore_index=1),
+        )
+    for ours, theirs in (
+        (CN.CrossEntropyLoss, torch.nn.CrossEntropyLoss),
+        (CN.NLLLoss, torch.nn.NLLLoss),
+    ):
+        torch.testing.assert_close(
+            ours(ignore_index=ignore_index)(x, t), theirs(ignore_index=ignore_index)(x, t)
+        )
+
+
+@pytest.mark.parametrize(
+    "label_smoothing", [0, True, np.float32(0.25), torch.tensor(0.25)], ids=repr
+)
+def test_label_smoothing_real_numbers_and_0d_tensors_are_accepted_like_torch(label_smoothing):
+    x, t = logits(4, 5), idx(0, 1, 2, 1)
+    torch.testing.assert_close(
+        C.cross_entropy(x, t, label_smoothing=label_smoothing),
+        F.cross_entropy(x, t, label_smoothing=label_smoothing),
     )

@@ -8,9 +8,11 @@ log-softmax first, so the two differ by about 1 ulp).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,8 @@ from hypothesis import given, settings
 
 import crossent
 import crossent.functional as C
+import crossent.reference as R
+from crossent.ops import eager
 
 TOL = {
     torch.float64: dict(rtol=1e-12, atol=1e-12),
@@ -89,6 +93,24 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@contextlib.contextmanager
+def blocked_path(enabled: bool = True):
+    """Route index-target cross entropy through crossent's blocked Function whatever the size
+    (it normally takes only large logits), in blocks of a few rows so that several blocks run."""
+    if not enabled:
+        yield
+        return
+    names = ("_BLOCKED_MIN_CLASSES", "_BLOCKED_MIN_BYTES", "_BYTES_PER_THREAD", "_MIN_BLOCK_BYTES")
+    saved = {k: getattr(eager, k) for k in names}
+    for k, v in zip(names, (1, 0, 16, 16), strict=True):
+        setattr(eager, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(eager, k, v)
+
+
 # ---------------------------------------------------------------------------------------------
 # Cross entropy and NLL, class-index targets
 
@@ -103,9 +125,10 @@ def _gen(seed: int) -> torch.Generator:
     label_smoothing=st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0, -0.3]),
     target_dtype=st.sampled_from([torch.int64, torch.uint8]),
     seed=st.integers(0, 2**16),
+    blocked=st.booleans(),
 )
 def test_cross_entropy_index_targets(
-    shapes, dtype, reduction, use_weight, ignore, label_smoothing, target_dtype, seed
+    shapes, dtype, reduction, use_weight, ignore, label_smoothing, target_dtype, seed, blocked
 ):
     (in_shape, t_shape), g = shapes, _gen(seed)
     c = in_shape[0] if len(in_shape) == 1 else in_shape[1]
@@ -134,7 +157,8 @@ def test_cross_entropy_index_targets(
             target = target.long()
     if use_weight:
         kwargs["weight"] = torch.rand(c, dtype=dtype, generator=g) + 0.1
-    ours, theirs = run_both("cross_entropy", (logits, target), kwargs)
+    with blocked_path(blocked):
+        ours, theirs = run_both("cross_entropy", (logits, target), kwargs)
     assert_same(ours, theirs)
 
 
@@ -352,6 +376,17 @@ EDGE_CASES = [
     ("ce 1-D target of size 1", "cross_entropy", lambda: (torch.randn(5), torch.tensor([2])), {}, ()),
     ("ce prob -inf where y=0", "cross_entropy",
      lambda: (torch.tensor([[-float("inf"), 0.0, 1.0]]), torch.tensor([[0.0, 0.5, 0.5]])), {}, (0,)),
+    ("ce C=0", "cross_entropy", lambda: (torch.randn(0, 0), torch.zeros(0, dtype=torch.long)), {}, (0,)),
+    ("ce C=0 smoothing", "cross_entropy",
+     lambda: (torch.randn(0, 0), torch.zeros(0, dtype=torch.long)), dict(label_smoothing=0.1), (0,)),
+    ("ce C=0 all ignored", "cross_entropy", lambda: (torch.randn(3, 0), torch.full((3,), -100)), {}, (0,)),
+    ("ce C=0 all ignored smoothing", "cross_entropy",
+     lambda: (torch.randn(3, 0), torch.full((3,), -100)), dict(label_smoothing=0.1), (0,)),
+    ("ce kept weights all 0 smoothing", "cross_entropy",
+     lambda: (torch.randn(4, 5), torch.tensor([0, 1, 0, 1])), dict(weight=torch.tensor([0.0, 0, 1, 1, 1]), label_smoothing=0.1), (0,)),
+    ("ce kept weights all 0", "cross_entropy",
+     lambda: (torch.randn(4, 5), torch.tensor([0, 1, 0, -100])), dict(weight=torch.tensor([0.0, 0, 1, 1, 1])), (0,)),
+    ("nll C=0 all ignored", "nll_loss", lambda: (torch.randn(3, 0), torch.full((3,), -100)), {}, (0,)),
     ("nll all ignored", "nll_loss", lambda: (torch.randn(3, 4), torch.full((3,), 2)), dict(ignore_index=2), (0,)),
     ("nll ignore 255", "nll_loss", lambda: (torch.randn(3, 4), torch.tensor([0, 255, 3])), dict(ignore_index=255), (0,)),
     ("nll unbatched", "nll_loss", lambda: (torch.randn(4), torch.tensor(3)), dict(weight=torch.rand(4)), (0,)),
@@ -374,13 +409,25 @@ EDGE_CASES = [
 ]  # fmt: skip
 
 
+EDGE_PATHS = [
+    (case, blocked)
+    for case in EDGE_CASES
+    for blocked in (
+        (False, True) if case[0].startswith("ce ") and "prob" not in case[0] else (False,)
+    )
+]
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("case", EDGE_CASES, ids=[c[0] for c in EDGE_CASES])
-def test_edge_cases(case, reduction):
+@pytest.mark.parametrize(
+    "case,blocked", EDGE_PATHS, ids=[c[0] + (" blocked" if b else "") for c, b in EDGE_PATHS]
+)
+def test_edge_cases(case, blocked, reduction):
     _, name, build, kwargs, grad_wrt = case
     kwargs = {"reduction": reduction, **kwargs}
     torch.manual_seed(0)
-    ours, theirs = run_both(name, build(), kwargs, grad_wrt)
+    with blocked_path(blocked):
+        ours, theirs = run_both(name, build(), kwargs, grad_wrt)
     assert_same(ours, theirs)
 
 
@@ -472,16 +519,58 @@ GRADCHECK_CASES = [
 ]  # fmt: skip
 
 
+GRADCHECK_PATHS = [
+    (case, blocked)
+    for case in GRADCHECK_CASES
+    for blocked in ((False, True) if case[0].startswith("ce index") else (False,))
+]
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c[0] for c in GRADCHECK_CASES])
-def test_gradcheck_and_gradgradcheck(case, reduction):
+@pytest.mark.parametrize(
+    "case,blocked",
+    GRADCHECK_PATHS,
+    ids=[c[0] + (" blocked" if b else "") for c, b in GRADCHECK_PATHS],
+)
+def test_gradcheck_and_gradgradcheck(case, blocked, reduction):
+    """Finite differences, including batched gradients (vmap over the backward), as torch's
+    own suites check them."""
     fn, args, kwargs = case[1]()
 
     def f(*a):
         return fn(*a, reduction=reduction, **kwargs)
 
-    assert torch.autograd.gradcheck(f, args)
-    assert torch.autograd.gradgradcheck(f, args)
+    with blocked_path(blocked):
+        assert torch.autograd.gradcheck(f, args, check_batched_grad=True)
+        assert torch.autograd.gradgradcheck(f, args, check_batched_grad=True)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("blocked", [False, True], ids=["default", "blocked"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, dict(label_smoothing=0.2), dict(weight="w"), dict(weight="w", label_smoothing=0.1)],
+    ids=["plain", "smoothing", "weight", "weight+smoothing"],
+)
+def test_batched_gradients_match_torch(kwargs, blocked, reduction):
+    """``autograd.grad(loss, x, eye, is_grads_batched=True)``: the backward runs under vmap."""
+    g = _gen(11)
+    logits = torch.randn(4, 6, 3, dtype=torch.float64, generator=g)
+    target = torch.tensor([[0, 1, 5], [2, -100, 3], [4, 4, 0], [1, 2, -100]])
+    if kwargs.get("weight") == "w":
+        kwargs = {**kwargs, "weight": torch.rand(6, dtype=torch.float64, generator=g)}
+    grads = []
+    for fn in (C.cross_entropy, F.cross_entropy):
+        x = logits.clone().requires_grad_()
+        with blocked_path(blocked and fn is C.cross_entropy):
+            out = fn(x, target, reduction=reduction, **kwargs)
+            if fn is C.cross_entropy and blocked:
+                assert type(out.grad_fn).__name__ == "CrossEntropyIndexBackward"
+            eye = torch.eye(out.numel(), dtype=out.dtype).view(-1, *out.shape)
+            (grad,) = torch.autograd.grad(out, x, eye, is_grads_batched=True)
+        grads.append(grad)
+    assert grads[0].shape == (out.numel(), 4, 6, 3)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c[0] for c in GRADCHECK_CASES])
@@ -614,3 +703,83 @@ def test_cpu_values_seed_example():
     x = torch.tensor([0.3440, 0.7944, 0.8919, 0.3551, 0.9817, 0.8871])
     y = torch.tensor([0.1639, 0.4745, 0.1537, 0.5444, 0.6933, 0.1129])
     assert round(C.binary_cross_entropy(x, y).item(), 4) == 1.2200
+
+
+# ---------------------------------------------------------------------------------------------
+# The float64 NumPy reference as a second oracle (torch's kernels serve most paths, so torch
+# alone would be checking itself).
+
+
+def _reference_cases(g: torch.Generator):
+    x = torch.randn(6, 5, 3, dtype=torch.float64, generator=g) * 2
+    t = torch.randint(0, 5, (6, 3), generator=g)
+    t[1, 2] = t[4, 0] = -100
+    w = torch.rand(5, dtype=torch.float64, generator=g) + 0.1
+    probs = torch.rand(6, 5, 3, dtype=torch.float64, generator=g)
+    p = torch.rand(6, 5, dtype=torch.float64, generator=g) * 0.98 + 0.01
+    y = torch.rand(6, 5, dtype=torch.float64, generator=g)
+    pw = torch.rand(5, dtype=torch.float64, generator=g) * 3
+    return [
+        ("cross_entropy", x, t, dict(weight=w, label_smoothing=0.15)),
+        ("cross_entropy", x[:, :, 0], t[:, 1], dict(weight=w, ignore_index=2)),
+        ("cross_entropy", x, probs, dict(weight=w, label_smoothing=0.1)),
+        ("nll_loss", x.log_softmax(1), t, dict(weight=w)),
+        ("binary_cross_entropy", p, y, dict(weight=w)),
+        ("binary_cross_entropy_with_logits", x[:, :, 0] * 5, y, dict(weight=w, pos_weight=pw)),
+    ]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("blocked", [False, True], ids=["default", "blocked"])
+def test_values_and_gradients_match_the_float64_reference(blocked, reduction):
+    for name, x, target, kwargs in _reference_cases(_gen(12)):
+        xx = x.clone().requires_grad_()
+        with blocked_path(blocked):
+            out = getattr(C, name)(xx, target, reduction=reduction, **kwargs)
+            upstream = torch.randn(out.shape, dtype=out.dtype, generator=_gen(13))
+            (grad,) = torch.autograd.grad(out, xx, upstream)
+        np_kwargs = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        ref = getattr(R, name)(x.numpy(), target.numpy(), reduction=reduction, **np_kwargs)
+        ref_grad = getattr(R, name + "_grad")(
+            x.numpy(), target.numpy(), upstream.numpy(), reduction=reduction, **np_kwargs
+        )
+        np.testing.assert_allclose(out.detach().numpy(), ref, rtol=1e-10, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_large_logits_take_the_blocked_path_and_small_ones_torch_kernel():
+    """The path choice itself (benchmarks/bench_matrix.py measures why): many classes on
+    large logits go through crossent's blocked Function, few classes through torch's kernel;
+    transforms (forward AD, torch.func, torch.compile) always through torch's kernel."""
+    big = torch.randn(64, 32000, requires_grad=True)
+    small = torch.randn(64, 10, requires_grad=True)
+    t = torch.zeros(64, dtype=torch.long)
+    assert type(C.cross_entropy(big, t).grad_fn).__name__ == "CrossEntropyIndexBackward"
+    assert type(C.cross_entropy(small, t).grad_fn).__name__ != "CrossEntropyIndexBackward"
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(big.detach(), torch.randn(64, 32000))
+        assert not eager.blocked_cross_entropy_pays(dual)
+
+
+@pytest.mark.parametrize("target_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_bce_with_logits_float32_input_low_precision_target_is_bitwise_torch(
+    target_dtype, reduction
+):
+    """torch rounds to the target's dtype after each of its ops; so does crossent."""
+    g = _gen(14)
+    x = torch.randn(64, 33, generator=g) * 4
+    y = torch.rand(64, 33, generator=g).to(target_dtype)
+    kw = dict(
+        weight=torch.rand(33, generator=g),
+        pos_weight=torch.rand(33, generator=g) * 3,
+        reduction=reduction,
+    )
+    for kwargs in (dict(reduction=reduction), kw):
+        (a, ga), (b, gb) = run_both(
+            "binary_cross_entropy_with_logits", (x, y), kwargs, grad_wrt=(0, 1)
+        )
+        assert a.dtype == b.dtype == target_dtype
+        assert torch.equal(a, b)
+        for u, v in zip(ga, gb, strict=True):
+            assert u.dtype == v.dtype and torch.equal(u, v)

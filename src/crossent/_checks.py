@@ -13,6 +13,7 @@ from collections.abc import Callable
 from numbers import Real
 from typing import Literal
 
+import numpy as np
 import torch
 import torch._subclasses
 
@@ -67,13 +68,33 @@ def resolve_reduction(size_average: bool | None, reduce: bool | None, reduction:
     return check_reduction(reduction_from_legacy(size_average, reduce, reduction))
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def check_ignore_index(ignore_index: object, fn: str = "cross_entropy") -> int:
-    """``ignore_index`` must be an int (torch raises TypeError for None or floats)."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    """``ignore_index`` as a Python int, accepted where torch's argument parser accepts it.
+
+    torch takes an ``int``, a NumPy integer or a one-element integer tensor, and raises
+    ``TypeError`` for ``None``, floats and bools, and ``ValueError`` for integers outside int64.
+    """
+    value = ignore_index
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and not (
+            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+        ):
+            value = int(value.item())
+    elif not isinstance(value, (bool, np.bool_, int)) and isinstance(value, np.integer):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(
             f"{fn}(): argument 'ignore_index' must be int, not {type(ignore_index).__name__}"
         )
-    return ignore_index
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(
+            f"Overflow when unpacking long long: {fn}(): argument 'ignore_index' must fit in "
+            f"int64 [-2**63, 2**63 - 1], got {value}"
+        )
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,6 +245,15 @@ def check_binary_cross_entropy(
             f"({_short(input.dtype)}), got {_short(target.dtype)}"
         )
     check_not_differentiable("binary_cross_entropy", "weight", weight)
+
+
+def check_probabilities(input: torch.Tensor, target: torch.Tensor) -> None:
+    """Every element of ``input`` and ``target`` must lie in [0, 1] (NaN does not).
+
+    Reads host tensors (and raises naming the first offending value); elsewhere queues an
+    asynchronous device assertion. The CPU path calls this only after torch's own kernel has
+    refused the values, so that valid calls never pay for a second pass over the data.
+    """
     for name, t in (("input", input), ("target", target)):
         ok_elems = (t >= 0) & (t <= 1)
         message = f"all elements of {name} should be between 0 and 1"
@@ -397,11 +427,42 @@ def check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) 
         )
 
 
-def check_label_smoothing(label_smoothing: float) -> float:
-    """torch checks only ``ε <= 1`` (inside ``ε > 0``); negative values mean no smoothing."""
-    if label_smoothing > 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    return float(label_smoothing) if label_smoothing > 0.0 else 0.0
+def check_label_smoothing(label_smoothing: object, fn: str = "cross_entropy_loss") -> float:
+    """ε as a float; torch checks only ``ε <= 1`` (inside ``ε > 0``): negative (and NaN) ε mean
+    no smoothing.
+
+    Like torch's argument parser, this takes a real number (``int``, ``float``, ``bool``, NumPy
+    scalars) or a 0-d real tensor, and raises ``TypeError`` for anything else (``"0.1"``,
+    ``None``, complex numbers).
+    """
+    value = label_smoothing
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_complex():
+            raise TypeError(
+                f"{fn}(): argument 'label_smoothing' must be float, not Tensor: label smoothing "
+                f"is a float in [0, 1], got a tensor of shape {_shape(value)} and dtype "
+                f"{_short(value.dtype)}"
+            )
+        value = float(value.item())
+    elif isinstance(value, Real):
+        value = float(value)
+    else:
+        raise TypeError(
+            f"{fn}(): argument 'label_smoothing' must be float, not {type(value).__name__}: "
+            f"label smoothing is a float in [0, 1], got {value!r}"
+        )
+    if value > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {value}")
+    return value if value > 0.0 else 0.0
+
+
+def check_same_device(input: torch.Tensor, name: str, t: torch.Tensor | None) -> None:
+    """A class weight must live on the input's device (torch's words, then ours)."""
+    if t is not None and t.device != input.device:
+        raise RuntimeError(
+            f"Tensor on device {t.device} is not on the expected device {input.device}! "
+            f"({name} must be on the input's device {input.device}, got {t.device})"
+        )
 
 
 def check_cross_entropy_prob(

@@ -2,8 +2,11 @@
 
 Each function has torch 2.13's signature and behaviour (values, dtypes, shapes, gradients,
 exception types). It validates its arguments once (``crossent._checks``), then picks a backend:
-the Triton kernels for CUDA tensors (or when ``CROSSENT_BACKEND=triton``), otherwise the
-portable torch implementation in ``crossent.ops.eager``.
+the Triton kernels for CUDA tensors (or when ``CROSSENT_BACKEND=triton``), otherwise
+``crossent.ops.eager``: torch's fused kernels where they are as fast, crossent's blocked cross
+entropy on large logits. Checks that need a pass over the values (class-index range,
+probabilities in [0, 1]) are left to torch's kernels where those make them, and re-worded from
+the host tensors only once they have failed: a valid call pays for none of them.
 """
 
 from __future__ import annotations
@@ -74,7 +77,12 @@ def binary_cross_entropy(
         )  # fmt: skip
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     _checks.check_binary_cross_entropy(input, target, weight)
-    return eager.binary_cross_entropy(input, target, weight, reduction)
+    try:
+        return eager.binary_cross_entropy(input, target, weight, reduction)
+    except RuntimeError:
+        # torch's kernel checks the range itself; say where the offending value is.
+        _checks.check_probabilities(input, target)
+        raise
 
 
 def binary_cross_entropy_with_logits(
@@ -175,21 +183,26 @@ def nll_loss(
         )  # fmt: skip
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     ignore_index = _checks.check_ignore_index(ignore_index, "nll_loss_nd")
-    _check_index_targets(input, target, weight, ignore_index, "nll_loss_out_frame")
-    return eager.nll_loss(input, target, weight, ignore_index, reduction)
+    n_classes = _check_index_targets(input, target, weight, "nll_loss_out_frame")
+    try:
+        return eager.nll_loss(input, target, weight, ignore_index, reduction)
+    except IndexError:
+        # torch's kernel checks the class indices itself; say which one and where.
+        _checks.check_target_range(target, n_classes, ignore_index)
+        raise
 
 
-def _check_index_targets(
-    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, kernel: str
-) -> None:
-    """The checks of ``nll_loss_nd``, in torch's order."""
+def _check_index_targets(input: Tensor, target: Tensor, weight: Tensor | None, kernel: str) -> int:
+    """The checks of ``nll_loss_nd``, in torch's order, but the target range (checked by
+    torch's kernels, or before crossent's own); returns the number of classes."""
     _checks.check_nll_shapes(input, target)
     _checks.check_floating(input, kernel)
     _checks.check_index_target_dtype(target)
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     _checks.check_class_weight(weight, n_classes, input.dtype)
+    _checks.check_same_device(input, "weight", weight)
     _checks.check_not_differentiable("nll_loss_forward", "weight", weight)
-    _checks.check_target_range(target, n_classes, ignore_index)
+    return n_classes
 
 
 def cross_entropy(
@@ -251,20 +264,28 @@ def cross_entropy(
     ignore_index = _checks.check_ignore_index(ignore_index, "cross_entropy_loss")
     if input.shape == target.shape:
         _checks.check_cross_entropy_prob(input, target, weight, ignore_index)
+        _checks.check_same_device(input, "weight", weight)
         label_smoothing = _checks.check_label_smoothing(label_smoothing)
         return eager.cross_entropy_probs(input, target, weight, label_smoothing, reduction)
     label_smoothing = _checks.check_label_smoothing(label_smoothing)
-    _check_index_targets(input, target, weight, ignore_index, "log_softmax_lastdim_kernel_impl")
+    n_classes = _check_index_targets(input, target, weight, "log_softmax_lastdim_kernel_impl")
     if input.dim() == 2 and _backend(input, target, weight) == "triton":
+        _checks.check_target_range(target, n_classes, ignore_index)
         from crossent.ops import triton as triton_ops
 
         return triton_ops.cross_entropy(
             input, target, weight=weight, ignore_index=ignore_index,
             label_smoothing=label_smoothing, reduction=reduction,
         )  # fmt: skip
-    return eager.cross_entropy_index(
-        input, target, weight, ignore_index, label_smoothing, reduction
-    )
+    args = (input, target, weight, ignore_index, label_smoothing, reduction)
+    if eager.blocked_cross_entropy_pays(input):
+        _checks.check_target_range(target, n_classes, ignore_index)
+        return eager.cross_entropy_index_blocked(*args)
+    try:
+        return eager.cross_entropy_index_fused(*args)
+    except IndexError:
+        _checks.check_target_range(target, n_classes, ignore_index)
+        raise
 
 
 def __getattr__(name: str):
