@@ -185,7 +185,9 @@ def test_demo_text(capsys):
     assert close(values[0], values[1]) and close(values[1], F.cross_entropy(ce_logits, t))
     # Large logits: the naive form prints inf, the stable one the exact 120, 50, 200.
     large = out[out.index("large logits") :]
-    rows = [line.split() for line in large.splitlines()[3:6]]
+    lines = large.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["x", "y"])
+    rows = [line.split() for line in lines[header + 2 : header + 5]]
     assert [r[0] for r in rows] == ["-120.0", "50.0", "200.0"]
     assert all(r[3] == "inf" for r in rows)  # naive −log
     assert [r[4] for r in rows] == ["100.0"] * 3  # torch's clamp: wrong
@@ -490,12 +492,18 @@ def test_pickled_npy_is_refused(tmp_path, capsys):
     np.save(bad, np.array([_Sentinel(str(sentinel)), 1.0], dtype=object), allow_pickle=True)
     pure_pickle = tmp_path / "pickle.npy"
     pure_pickle.write_bytes(pickle.dumps([_Sentinel(str(sentinel))]))
-    for path in (bad, pure_pickle):
-        code, out, err = run(["loss", "bce", "--input", str(path), "--target", "1,0"], capsys)
-        assert code == 2
-        assert out == ""
-        assert err.count("\n") == 1 and err.startswith("crossent: error: --input: refusing")
-        assert "allow_pickle=False" in err
+    code, out, err = run(["loss", "bce", "--input", str(bad), "--target", "1,0"], capsys)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("crossent: error: --input: refusing")
+    assert "allow_pickle=False" in err and "dtype object" in err
+    assert "unsafely" not in err and ".." not in err  # no hint to unpickle, no double period
+    # A pickle is not a .npy file at all: say so (numpy would call it "pickled (object) data").
+    code, out, err = run(["loss", "bce", "--input", str(pure_pickle), "--target", "1,0"], capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "is not a .npy file" in err
+    message = err.replace(repr(str(pure_pickle)), "PATH")  # the tmp path names this test
+    assert "pickled" not in message and "unsafely" not in message and ".." not in message
     assert not sentinel.exists()
 
 
@@ -525,7 +533,7 @@ def _error_cases(tmp_path: Path) -> list[tuple[list[str], int, str]]:
         (["loss", "ce", "--input", "1,2", "--target", "0", "--explain", "--max-rows", "-1"], 2, ""),
         ([], 2, "required"),
         # errors raised by the library: exit 1, its message
-        (["loss", "bce", "--input", "0.3,0.5", "--target", "1,0,1"], 1, "different to the input"),
+        (["loss", "bce", "--input", "0.3,0.5", "--target", "1,0,1"], 1, "--target has shape (3,) but --input has shape (2,)"),
         (["loss", "bce", "--input", "1.3,0.5", "--target", "1,0"], 1, "between 0 and 1"),
         (["loss", "bce", "--input", "0.3,0.5", "--target", "1,0", "--weight", "1,2,3"], 1, "(3,)"),
         (["loss", "bce-logits", "--input", "1,2", "--target", "1,0", "--pos-weight", "1,2,3"], 1, ""),
@@ -548,6 +556,213 @@ def test_error_paths(tmp_path, capsys):
         assert err.count("\n") == 1, (argv, err)  # exactly one line
         assert "Traceback" not in err
         assert needle in err, (argv, err)
+
+
+def _one_line_error(code: int, out: str, err: str, status: int) -> str:
+    assert code == status, err
+    assert out == ""
+    assert err.startswith("crossent: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_ignore_index_beyond_int64_is_a_usage_error(capsys):
+    argv = ["loss", "ce", "--input", "1,2;3,4", "--target", "0,1"]
+    for value in ("99999999999999999999999", "-9223372036854775809", "9223372036854775808"):
+        err = _one_line_error(*run([*argv, "--ignore-index", value], capsys), 2)
+        assert "argument --ignore-index" in err and "int64" in err and value in err
+    data = run_json([*argv, "--ignore-index", "-9223372036854775808"], capsys)  # int64's min
+    assert close(
+        data["loss"], F.cross_entropy(torch.tensor([[1.0, 2], [3, 4]]), torch.tensor([0, 1]))
+    )
+
+
+@pytest.mark.parametrize("option", ["--input", "--target", "--weight"])
+def test_empty_npy_file_is_one_line(tmp_path, option, capsys):
+    (tmp_path / "empty.npy").write_bytes(b"")
+    values = {"--input": "0.3,0.7", "--target": "1,0", "--weight": "1,1"}
+    values[option] = str(tmp_path / "empty.npy")
+    argv = ["loss", "bce", *(x for kv in values.items() for x in kv)]
+    err = _one_line_error(*run(argv, capsys), 2)
+    assert f"{option}: " in err and "is empty (0 bytes)" in err
+
+
+def test_truncated_npy_file_is_one_line(tmp_path, capsys):
+    np.save(tmp_path / "full.npy", np.arange(100.0))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "full.npy").read_bytes()[:200])
+    err = _one_line_error(
+        *run(["loss", "bce", "--input", str(tmp_path / "cut.npy"), "--target", "1"], capsys), 2
+    )
+    assert "cut.npy" in err
+
+
+def test_non_npy_file_and_directory_are_named_for_what_they_are(tmp_path, capsys):
+    (tmp_path / "notes.npy").write_text("0.3,0.7\n")
+    err = _one_line_error(
+        *run(["loss", "bce", "--input", str(tmp_path / "notes.npy"), "--target", "1,0"], capsys), 2
+    )
+    assert "is not a .npy file" in err and "pickled" not in err
+    for name in ("folder.npy", "folder.csv"):
+        (tmp_path / name).mkdir()
+        err = _one_line_error(
+            *run(["loss", "bce", "--input", str(tmp_path / name), "--target", "1"], capsys), 2
+        )
+        assert "is a directory" in err and "no such file" not in err
+
+
+def test_bce_shape_mismatch_names_both_shapes(capsys):
+    for command in ("bce", "bce-logits"):
+        argv = ["loss", command, "--input", "0.3,0.7;0.2,0.1", "--target", "1,0"]
+        err = _one_line_error(*run(argv, capsys), 1)
+        assert "--target has shape (2,) but --input has shape (2, 2)" in err
+        assert "deprecated" not in err
+
+
+@pytest.mark.parametrize("target", ["1e20,1", "1,-1e300", "nan,1", "inf,0"])
+def test_impossible_class_index_is_named_not_its_dtype(target, capsys):
+    argv = ["loss", "ce", "--input", "1,2;3,4", "--target", target]
+    err = _one_line_error(*run(argv, capsys), 2)
+    assert "is not a class index" in err and "[0, 2)" in err
+    assert "dtype" not in err and "Long" not in err
+    assert _one_line_error(
+        *run(["loss", "nll", "--input", "-1,-2;-3,-4", "--target", target], capsys), 2
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, help_of",
+    [
+        (["loss", "ce", "--input", "1,2", "--target", "0", "--bogus"], "crossent loss ce"),
+        (
+            ["loss", "bce", "--input", "0.5", "--target", "1", "--ignore-index", "3"],
+            "crossent loss bce",
+        ),
+        (["demo", "--bogus"], "crossent demo"),
+        (["demo", "extra"], "crossent demo"),
+    ],
+)
+def test_unknown_option_points_to_its_subcommand_help(argv, help_of, capsys):
+    err = _one_line_error(*run(argv, capsys), 2)
+    assert "unrecognized arguments" in err
+    assert f"(see '{help_of} --help')" in err
+
+
+def test_bom_csv_is_read(tmp_path, capsys):
+    (tmp_path / "x.csv").write_bytes("\ufeff0.3,0.7\n0.2,0.9\n".encode())
+    (tmp_path / "y.csv").write_bytes(b"\xef\xbb\xbf1,0\r\n0,1\r\n")
+    data = run_json(
+        ["loss", "bce", "--input", str(tmp_path / "x.csv"), "--target", str(tmp_path / "y.csv")],
+        capsys,
+    )
+    want = F.binary_cross_entropy(
+        torch.tensor([[0.3, 0.7], [0.2, 0.9]]).double(), torch.tensor([[1.0, 0], [0, 1]]).double()
+    )
+    assert close(data["loss"], want)
+
+
+@pytest.mark.parametrize("eps", ["-1e400", "-inf", "-0.1", "nan", "-0", "1e-400", "-1e-5"])
+def test_label_smoothing_values_that_mean_none(eps, capsys):
+    """Negative, NaN and negative-overflowing ε are values (not options) and mean no smoothing,
+    as in torch."""
+    argv = ["loss", "ce", "--input", "1,2,0.5;3,4,-1", "--target", "0,2", "--label-smoothing", eps]
+    data = run_json(argv, capsys)
+    x, t = torch.tensor([[1.0, 2, 0.5], [3, 4, -1]], dtype=torch.float64), torch.tensor([0, 2])
+    assert close(data["loss"], F.cross_entropy(x, t, label_smoothing=float(eps)))
+    assert close(data["loss"], F.cross_entropy(x, t))
+
+
+def test_label_smoothing_help_says_what_values_do(capsys):
+    out = " ".join(run_ok(["loss", "ce", "--help"], capsys).split())
+    assert "ε in [0, 1]" not in out
+    assert "ε <= 0 and nan mean no smoothing" in out and "ε > 1 is an error" in out
+
+
+NEGATIVE_ZERO = re.compile(r"(?<![\w.])-0(\.0*)?(?![\d.eE])")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["loss", "bce", "--input", "0,1,1", "--target", "0,1,1"],
+        ["loss", "nll", "--input", "0,0;1,1;-0,2", "--target", "0,1,0"],
+        ["loss", "ce", "--input", "0,-1000;5,-1000", "--target", "0,0", "--weight", "1,-0"],
+        ["loss", "bce-logits", "--input", "-1000,1000", "--target", "0,1"],
+    ],
+)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_explain_prints_no_negative_zero(argv, reduction, capsys):
+    out = run_ok([*argv, "--explain", "--reduction", reduction], capsys)
+    assert not NEGATIVE_ZERO.search(out), [
+        line for line in out.splitlines() if NEGATIVE_ZERO.search(line)
+    ]
+
+
+def test_negative_zero_pattern_catches_what_it_should():
+    for text in ("loss = -0", "= -0.0", "[-0, 1]", "-0  "):
+        assert NEGATIVE_ZERO.search(text), text
+    for text in ("-0.5", "-0.0001", "1e-05", "-0e5x", "x-0", "-100", "ε=0.1"):
+        assert not NEGATIVE_ZERO.search(text) or text == "-0e5x", text
+
+
+def test_unexpected_exception_is_one_line(monkeypatch, capsys):
+    import crossent.cli._demo as demo
+
+    for exc in (
+        OverflowError("int too big to convert"),
+        EOFError("No data left in file"),
+        KeyError("x"),
+    ):
+
+        def boom(exc=exc):
+            raise exc
+
+        monkeypatch.setattr(demo, "run_demo", boom)
+        err = _one_line_error(*run(["demo"], capsys), 1)
+        assert type(exc).__name__ in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo's second BCE example and its width
+
+
+BCE_MODULE_INPUT = [[0.5080, 0.5674, 0.1960, 0.7617, 0.9675],
+                    [0.8497, 0.4167, 0.4464, 0.6646, 0.7448],
+                    [0.4477, 0.6700, 0.0358, 0.8317, 0.9484]]  # fmt: skip
+BCE_MODULE_TARGET = [[0.0821, 0.2900, 0.1864, 0.1480, 0.2935],
+                     [0.1719, 0.3426, 0.0729, 0.3616, 0.0510],
+                     [0.1284, 0.1542, 0.1338, 0.1779, 0.4057]]  # fmt: skip
+
+
+def test_demo_bce_module_example(capsys):
+    """The tutorial's nn.BCELoss() example on its printed data: torch printed tensor(1.0689)."""
+    want = torch.nn.BCELoss()(torch.tensor(BCE_MODULE_INPUT), torch.tensor(BCE_MODULE_TARGET))
+    assert f"{want.item():.4f}" == "1.0689"
+    out = run_ok(["demo"], capsys)
+    cells = _demo_row(out, "nn.BCELoss()")
+    assert np.float32(cells[1]) == want.numpy() and np.float32(cells[3]) == want.numpy()
+    assert close(float(cells[2]), want)
+    assert "x[0] = [0.5080, 0.5674, 0.1960, 0.7617, 0.9675]" in out
+    assert "y[2] = [0.1284, 0.1542, 0.1338, 0.1779, 0.4057]" in out
+    assert "tensor(1.0689)" in out and "to 4 decimals: 1.0689" in out
+    data = run_json(["demo"], capsys)["bce_module"]
+    assert data["input"] == BCE_MODULE_INPUT and data["target"] == BCE_MODULE_TARGET
+    assert f"{data['mean']['crossent']:.4f}" == "1.0689" == f"{data['tutorial_printed']:.4f}"
+    assert close(data["mean"]["torch"], want, tol=0)
+
+
+def test_demo_lines_fit_100_columns(monkeypatch, capsys):
+    import io
+
+    out = run_ok(["demo"], capsys)
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii")  # ASCII spelling: longer words
+    monkeypatch.setattr(sys, "stdout", stream)
+    assert main(["demo"]) == 0
+    stream.flush()
+    plain = stream.buffer.getvalue().decode("ascii")
+    for text in (out, plain):
+        wide = [line for line in text.splitlines() if len(line) > 100]
+        assert not wide, wide
+    assert plain.isascii() and not out.isascii()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,6 +880,67 @@ def test_console_script_subprocess():
     assert result.stdout == ""
     assert result.stderr.startswith("crossent: error: cross_entropy raised IndexError")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_closed_pipe_ends_quietly():
+    """``crossent demo | head``: the reader goes away; no message, SIGPIPE's status (141)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "crossent", "demo"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode == 141
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo"],
+        ["loss", "ce", "--help"],
+        [
+            "loss",
+            "ce",
+            "--input",
+            "1,2;3,4",
+            "--target",
+            "0,1",
+            "--label-smoothing",
+            "0.1",
+            "--explain",
+        ],
+        ["loss", "bce-logits", "--input", "1,2", "--target", "1,0", "--explain"],
+        ["loss", "ce", "--input", "1,2;3,4", "--target", "0,1", "--weight", "1,2,3"],  # an error
+    ],
+    ids=["demo", "help", "explain-ce", "explain-bce-logits", "error"],
+)
+def test_ascii_only_streams(argv):
+    """PYTHONIOENCODING=ascii (or a C locale): symbols are spelled out, nothing crashes."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    result = subprocess.run(
+        [sys.executable, "-m", "crossent", *argv],
+        capture_output=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert b"UnicodeEncodeError" not in result.stderr, result.stderr
+    assert result.returncode == (1 if argv[-1] == "1,2,3" else 0), result.stderr
+    assert result.stdout.isascii() and result.stderr.isascii()
+    text = result.stdout.decode()
+    if argv == ["demo"]:
+        assert "eps=0.1" in text and "sigmoid(-120)" in text and "1.0689" in text
+        assert max(len(line) for line in text.splitlines()) <= 100
+    if "--explain" in argv:
+        assert "sum" in text or "sigmoid" in text
 
 
 def test_python_m_crossent_demo_subprocess():

@@ -9,7 +9,10 @@ Commands::
 
 Exit status: 0 on success, 2 for usage errors (malformed numbers, unreadable files, bad
 options), 1 when the library rejects the arguments (its message says what was expected and
-what was given). Errors are one line on stderr starting with ``crossent: error:``.
+what was given). Errors are one line on stderr starting with ``crossent: error:``. When the
+reader of the output goes away (``crossent demo | head``) the command stops quietly with the
+status a Unix tool killed by SIGPIPE has (141). On a stream that cannot encode the output's
+symbols (``PYTHONIOENCODING=ascii``) they are spelled in ASCII.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 import numpy as np
 import torch
 
-from crossent.cli._format import exact, jsonable, table
+from crossent.cli._format import ascii_output, encodable, exact, jsonable, table
 from crossent.cli._losses import (
     LIBRARY_ERRORS,
     LOSSES,
@@ -46,13 +49,40 @@ __all__ = ["build_parser", "main"]
 EXIT_OK = 0
 EXIT_LOSS_ERROR = 1
 EXIT_USAGE = 2
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool stopped so
+
+# A value that starts with '-' but is a number or a list of numbers ("-1,2", "-1e400", "-inf"),
+# not an option. argparse asks this pattern (its default knows only "-1" and "-1.5").
+_NEGATIVE_VALUE = re.compile(r"^-\s*(\d|\.\d|inf|nan)", re.IGNORECASE)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors become one ``crossent: error:`` line (exit 2)."""
+    """argparse whose usage errors become one ``crossent: error:`` line (exit 2), and which
+    reads ``--input -1,2`` and ``--label-smoothing -1e400`` as values, not options."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_VALUE
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def print_help(self, file: TextIO | None = None) -> None:
+        file = sys.stdout if file is None else file
+        file.write(encodable(self.format_help(), getattr(file, "encoding", None)))
+
+
+def _int64(text: str) -> int:
+    """An ``int`` option that must fit in int64 (torch's index type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(
+            f"{text} does not fit in int64: expected an integer in [-2**63, 2**63 - 1]"
+        )
+    return value
 
 
 _LOSS_EPILOG = """\
@@ -95,7 +125,7 @@ def _add_loss_parser(subparsers: argparse._SubParsersAction, spec: LossSpec) -> 
     if "ignore_index" in spec.options:
         p.add_argument(
             "--ignore-index",
-            type=int,
+            type=_int64,
             default=-100,
             metavar="N",
             help="class index whose rows contribute 0 and are left out of the mean (default: -100)",
@@ -106,8 +136,9 @@ def _add_loss_parser(subparsers: argparse._SubParsersAction, spec: LossSpec) -> 
             type=float,
             default=0.0,
             metavar="EPS",
-            help="ε in [0, 1]: mix the target with the uniform distribution, ε/C on every "
-            "class (PyTorch's convention; default: 0)",
+            help="ε: mix the target with the uniform distribution, ε/C on every class "
+            "(PyTorch's convention; default: 0). 0 < ε <= 1 smooths; ε <= 0 and nan mean no "
+            "smoothing (as in torch); ε > 1 is an error",
         )
     p.add_argument(
         "--reduction",
@@ -134,7 +165,7 @@ def _add_loss_parser(subparsers: argparse._SubParsersAction, spec: LossSpec) -> 
         metavar="N",
         help="with --explain: elements or rows to print (all count in the total; default: 20)",
     )
-    p.set_defaults(handler=_run_loss, spec=spec)
+    p.set_defaults(handler=_run_loss, spec=spec, command_parser=p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "probabilities (with label smoothing), NLL on log-softmax = CE, and a classic mistake.",
     )
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    demo.set_defaults(handler=_run_demo)
+    demo.set_defaults(handler=_run_demo, command_parser=demo)
 
     loss = commands.add_parser(
         "loss",
@@ -249,25 +280,25 @@ def _run_loss(args: argparse.Namespace) -> int:
                 "reduction": explanation.reduction,
                 "total": explanation.total,
             }
-        print(json.dumps(jsonable(result), ensure_ascii=False))
+        _out(json.dumps(jsonable(result), ensure_ascii=False))
         return EXIT_OK
 
     if explanation is not None:
-        print("\n".join(explanation.lines))
-        print()
+        _out("\n".join(explanation.lines))
+        _out("")
         others = [
             ("explained above (NumPy f64)", Outcome(explanation.total)),
             ("reference (NumPy f64)", reference),
             (torch_name, torch_out),
         ]
-        print("\n".join(_comparison_lines(ours, dtype, others)))
-        print()
+        _out("\n".join(_comparison_lines(ours, dtype, others)))
+        _out("")
     label = f"{spec.function}(reduction={problem.reduction!r}, dtype={ours.dtype})"
     if ours.ndim == 0:
-        print(f"{label} = {exact(ours, dtype)}")
+        _out(f"{label} = {exact(ours, dtype)}")
     else:
-        print(f"{label}, shape {tuple(ours.shape)}:")
-        print("\n".join(_indexed_lines(ours, dtype)))
+        _out(f"{label}, shape {tuple(ours.shape)}:")
+        _out("\n".join(_indexed_lines(ours, dtype)))
     return EXIT_OK
 
 
@@ -280,37 +311,45 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     report = run_demo()
     if args.json:
-        print(json.dumps(jsonable(report.data), ensure_ascii=False))
+        _out(json.dumps(jsonable(report.data), ensure_ascii=False))
     else:
-        print("\n".join(report.lines))
+        _out("\n".join(report.lines))
     return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-# Options whose value may be a list of numbers starting with '-' ("-0.2,1.4"), which argparse
-# would take for an option.
-_VALUE_OPTIONS = ("--input", "--target", "--weight", "--pos-weight")
-_NEGATIVE_VALUES = re.compile(r"^-\s*(\d|\.\d|inf|nan)", re.IGNORECASE)
-
-
-def _attach_negative_values(argv: list[str]) -> list[str]:
-    """Rewrite ``--input -1,2`` as ``--input=-1,2`` so that argparse reads it as a value."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        if argv[i] in _VALUE_OPTIONS and i + 1 < len(argv) and _NEGATIVE_VALUES.match(argv[i + 1]):
-            out.append(f"{argv[i]}={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
+def _out(text: str) -> None:
+    """Print ``text`` on stdout in what its encoding can hold (see ``_format.encodable``)."""
+    print(encodable(text, sys.stdout.encoding))
 
 
 def _error(message: str) -> None:
-    print("crossent: error: " + " ".join(message.split()), file=sys.stderr)
+    text = "crossent: error: " + " ".join(message.split())
+    print(encodable(text, sys.stderr.encoding), file=sys.stderr)
+
+
+def _symbols_fit(stream: object) -> bool:
+    """Whether ``stream`` can encode the symbols of the text output (σ, Σ, ε, −)."""
+    try:
+        "σΣε−·…Δ".encode(getattr(stream, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+def _quiet_closed_pipe() -> int:
+    """The reader went away (``crossent demo | head``): stop without a word, like a Unix tool.
+
+    Points stdout at /dev/null so that the interpreter's final flush does not raise again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    return EXIT_CLOSED_PIPE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -321,25 +360,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 on success, 1 when a loss rejects its arguments, 2 for usage
-        errors (bad options, malformed numbers, unreadable files). Errors print one line on
-        stderr starting with ``crossent: error:``; no traceback.
+        errors (bad options, malformed numbers, unreadable files), 141 when stdout is closed
+        before the output is written. Errors print one line on stderr starting with
+        ``crossent: error:``; no traceback.
     """
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parser.parse_args(_attach_negative_values(argv))
-        return int(args.handler(args))
+        with ascii_output(not _symbols_fit(sys.stdout)):
+            args, unknown = parser.parse_known_args(argv)
+            if unknown:  # named by the subcommand that was given them, with its --help
+                args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            code = int(args.handler(args))
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+            return code
     except SystemExit as exc:  # --help and --version exit through argparse
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BrokenPipeError:
-        # The reader went away (``crossent demo | head``): nothing to report. Point stdout at
-        # /dev/null so that the interpreter's final flush does not raise again.
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except (OSError, ValueError, AttributeError):
-            pass
-        return EXIT_LOSS_ERROR
+        return _quiet_closed_pipe()
     except UsageError as exc:
         _error(str(exc))
         return EXIT_USAGE
@@ -351,4 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except LIBRARY_ERRORS as exc:  # anything the library raised outside run_crossent
         _error(one_line(exc))
+        return EXIT_LOSS_ERROR
+    except Exception as exc:  # a bug here: still one line, and a way to report it
+        _error(f"unexpected {one_line(exc)} (a bug in crossent's command line; please report it)")
         return EXIT_LOSS_ERROR

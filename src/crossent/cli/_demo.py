@@ -1,7 +1,8 @@
 """``crossent demo``: the seed examples, crossent next to the NumPy reference and torch.
 
 All inputs are float32, torch's default dtype, as in the tutorials these examples come from;
-the reference computes in float64 from the same float32 numbers.
+the reference computes in float64 from the same float32 numbers. No line is wider than
+``LINE_WIDTH`` (100) columns, in the ASCII spelling too.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 import crossent.functional as cf
+import crossent.nn as cnn
 from crossent import reference
-from crossent.cli._format import exact, table, vector
+from crossent.cli._format import exact, paragraph, table, vector
 from crossent.cli._losses import LIBRARY_ERRORS, max_abs_diff, one_line
 
 __all__ = ["DemoReport", "run_demo"]
@@ -23,6 +25,19 @@ __all__ = ["DemoReport", "run_demo"]
 # 1. The BCE tutorial's probabilities and targets (its answer: 1.2200).
 BCE_PROBS = [0.3440, 0.7944, 0.8919, 0.3551, 0.9817, 0.8871]
 BCE_TARGETS = [0.1639, 0.4745, 0.1537, 0.5444, 0.6933, 0.1129]
+# 1b. The same tutorial's nn.BCELoss() example: input = torch.rand(3, 5), target =
+# torch.randn(3, 5).softmax(dim=1), as it printed them (4 decimals); it prints tensor(1.0689).
+BCE_MODULE_INPUT = [
+    [0.5080, 0.5674, 0.1960, 0.7617, 0.9675],
+    [0.8497, 0.4167, 0.4464, 0.6646, 0.7448],
+    [0.4477, 0.6700, 0.0358, 0.8317, 0.9484],
+]
+BCE_MODULE_TARGET = [
+    [0.0821, 0.2900, 0.1864, 0.1480, 0.2935],
+    [0.1719, 0.3426, 0.0729, 0.3616, 0.0510],
+    [0.1284, 0.1542, 0.1338, 0.1779, 0.4057],
+]
+BCE_MODULE_PRINTED = "1.0689"
 # 2. Logits for sigmoid + BCE vs BCE with logits, and logits large enough to break the former.
 LOGITS = [-0.231, 1.423, 0.6642]
 LOGIT_TARGETS = [1.0, 1.0, 0.0]
@@ -63,6 +78,11 @@ def _f32(values: object) -> torch.Tensor:
 def _f64(t: torch.Tensor) -> NDArray:
     """The float32 numbers as float64 (the reference's input)."""
     return t.double().numpy()
+
+
+def _four_decimals(row: list[float]) -> str:
+    """A row as the tutorial printed it: ``[0.5080, 0.5674, ...]``."""
+    return "[" + ", ".join(f"{v:.4f}" for v in row) + "]"
 
 
 def _compare(label: str, ours: torch.Tensor, ref: NDArray, theirs: torch.Tensor) -> tuple:
@@ -109,6 +129,34 @@ def _bce_section(report: DemoReport) -> None:
     ]
     report.data["bce"] = data
 
+    # The module form on a (3, 5) batch: crossent.nn.BCELoss subclasses torch.nn.BCELoss.
+    x, y = _f32(BCE_MODULE_INPUT), _f32(BCE_MODULE_TARGET)
+    ours = cnn.BCELoss()(x, y)
+    row, record = _compare(
+        "nn.BCELoss()",
+        ours,
+        reference.binary_cross_entropy(_f64(x), _f64(y)),
+        torch.nn.BCELoss()(x, y),
+    )
+    rounded = f"{ours.item():.4f}"
+    report.lines += [
+        "   nn.BCELoss() on x = torch.rand(3, 5), y = torch.randn(3, 5).softmax(dim=1)",
+        *(f"   x[{i}] = {_four_decimals(r)}" for i, r in enumerate(BCE_MODULE_INPUT)),
+        *(f"   y[{i}] = {_four_decimals(r)}" for i, r in enumerate(BCE_MODULE_TARGET)),
+        *table(_HEADERS, [row], indent="   "),
+        *paragraph(
+            f"the tutorial prints tensor({BCE_MODULE_PRINTED}); crossent, to 4 decimals: {rounded}",
+            indent="   ",
+        ),
+        "",
+    ]
+    report.data["bce_module"] = {
+        "input": BCE_MODULE_INPUT,
+        "target": BCE_MODULE_TARGET,
+        "mean": record,
+        "tutorial_printed": float(BCE_MODULE_PRINTED),
+    }
+
 
 def _sigmoid_section(report: DemoReport) -> None:
     x, y = _f32(LOGITS), _f32(LOGIT_TARGETS)
@@ -135,16 +183,7 @@ def _sigmoid_section(report: DemoReport) -> None:
     stable = cf.binary_cross_entropy_with_logits(big, big_y, reduction="none").numpy()
     stable_torch = F.binary_cross_entropy_with_logits(big, big_y, reduction="none").numpy()
     exact_f64 = reference.binary_cross_entropy_with_logits(_f64(big), _f64(big_y), reduction="none")
-    headers = [
-        "x",
-        "y",
-        "σ(x) f32",
-        "naive −log",
-        "BCE(σ(x)) clamp",
-        "BCE w/ logits",
-        "torch",
-        "exact (f64)",
-    ]
+    headers = ["x", "y", "σ(x) f32", "naive", "BCE(σ(x))", "with logits", "torch", "exact f64"]
     rows = [
         [
             exact(big[i].item(), np.float32),
@@ -172,8 +211,13 @@ def _sigmoid_section(report: DemoReport) -> None:
         *table(_HEADERS, [row_a, row_b], indent="   "),
         "",
         f"   large logits (float32): x = {LARGE_LOGITS}, y = {LARGE_TARGETS}, reduction='none'",
+        *paragraph(
+            "naive: −[y·log σ(x) + (1 − y)·log(1 − σ(x))] in float32; BCE(σ(x)): torch's BCE, "
+            "each log clamped at −100; with logits: BCE with logits, crossent and torch",
+            indent="   ",
+        ),
         *table(headers, rows, indent="   "),
-        f"   {verdict}",
+        *paragraph(verdict, indent="   "),
         "",
     ]
     report.data["sigmoid_vs_logits"] = {
@@ -269,9 +313,9 @@ def _mistake_section(report: DemoReport) -> None:
     )
     report.lines += [
         "5. A classic mistake: cross_entropy on input of shape (3, 1) with targets [1, 1, 0]",
-        f"   crossent: {messages['crossent']}",
-        f"   torch:    {messages['torch']}",
-        f"   fix: {fix}",
+        *paragraph(f"crossent: {messages['crossent']}", indent="   ", hanging=" " * 13),
+        *paragraph(f"torch:    {messages['torch']}", indent="   ", hanging=" " * 13),
+        *paragraph(f"fix: {fix}", indent="   ", hanging=" " * 8),
     ]
     report.data["classic_mistake"] = {
         "input": MISTAKE_LOGITS,

@@ -147,6 +147,25 @@ def _cast_float(values: NDArray, dtype: np.dtype, option: str) -> NDArray:
     return values.astype(dtype)
 
 
+def _check_class_indices(target: NDArray, input_shape: tuple[int, ...]) -> None:
+    """A target that must hold class indices holds no whole number too large to be one.
+
+    Such a number (``1e20``) is read as a float, and the loss would then blame the target's
+    dtype; name the value instead. Fractional values are left to the loss's own message.
+    """
+    if target.dtype.kind != "f":
+        return
+    whole = np.isfinite(target) & (target == np.round(target))
+    huge = whole & (np.abs(target) >= 2**53)
+    bad = target[huge | np.isinf(target) | np.isnan(target)]
+    if bad.size:
+        classes = input_shape[1] if len(input_shape) > 1 else (input_shape or (0,))[0]
+        raise UsageError(
+            f"--target: {bad[0]:g} is not a class index: class indices are whole numbers in "
+            f"[0, {classes}) for input of shape {input_shape}"
+        )
+
+
 def build_problem(spec: LossSpec, args: argparse.Namespace) -> Problem:
     """Read the option values and cast them the way the loss expects.
 
@@ -156,15 +175,23 @@ def build_problem(spec: LossSpec, args: argparse.Namespace) -> Problem:
     rejects them with its own message.
 
     Raises:
-        UsageError: unreadable values (see :func:`crossent.cli._values.read_values`).
+        UsageError: unreadable values (see :func:`crossent.cli._values.read_values`), or a
+            class-index target holding a number no class index can be (``1e20``, ``nan``).
+        LossError: a BCE target whose shape is not the input's.
     """
     dtype = np.dtype(args.dtype)
     raw_input = read_values(args.input, "--input")
     raw_target = read_values(args.target, "--target")
     input = _cast_float(raw_input, dtype, "--input")
+    if spec.command in ("bce", "bce-logits") and raw_target.shape != raw_input.shape:
+        raise LossError(
+            f"{spec.function}: --target has shape {raw_target.shape} but --input has shape "
+            f"{raw_input.shape}; the target must have the input's shape"
+        )
     if spec.command in ("ce", "nll") and not (
         spec.command == "ce" and raw_target.shape == raw_input.shape
     ):
+        _check_class_indices(raw_target, raw_input.shape)
         if is_integral(raw_target):
             target = raw_target.astype(np.int64)
             if input.ndim == 1 and target.shape == (1,):

@@ -3,7 +3,8 @@
 Inline values are comma-separated numbers, with rows separated by ``;`` for a 2-D array
 (``"1,2,3;4,5,6"`` is 2×3). Anything that is not such a list must be a path ending in ``.npy``
 (read with ``numpy.load(path, allow_pickle=False)``: a file that holds pickled objects is
-refused, never unpickled) or ``.csv`` (``numpy.loadtxt(path, delimiter=",")``).
+refused, never unpickled) or ``.csv`` (``numpy.loadtxt(path, delimiter=",")``, UTF-8 with or
+without a byte-order mark).
 
 Every problem here is a usage error (:class:`UsageError`, exit status 2); losses raise their own
 errors later.
@@ -93,16 +94,37 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
 def _load_npy(path: str, option: str) -> NDArray:
+    with open(path, "rb") as f:
+        magic = f.read(len(_NPY_MAGIC))
+    if not magic:
+        raise UsageError(
+            f"{option}: {path!r} is empty (0 bytes); expected an array saved with numpy.save"
+        )
+    if magic != _NPY_MAGIC and not magic.startswith(_ZIP_MAGIC):
+        raise UsageError(
+            f"{option}: {path!r} is not a .npy file (it does not start with the .npy magic "
+            f"string); save the array with numpy.save, or give a .csv file"
+        )
     try:
         loaded = np.load(path, allow_pickle=False)
     except ValueError as exc:
-        # numpy says "Object arrays cannot be loaded when allow_pickle=False" for pickled
-        # object arrays, and "... pickled data ..." for a file that is a pickle altogether.
+        if "allow_pickle" not in str(exc):
+            raise UsageError(f"{option}: cannot read {path!r} as a .npy file: {exc}") from None
+        # numpy says "Object arrays cannot be loaded when allow_pickle=False".
         raise UsageError(
-            f"{option}: refusing to load {path!r}: {exc}. crossent never unpickles files "
+            f"{option}: refusing to load {path!r}: it holds Python objects (dtype object), "
+            f"which only unpickling could read, and crossent never unpickles files "
             f"(allow_pickle=False); save a numeric array, e.g. numpy.save(path, "
             f"array.astype('float64'))"
+        ) from None
+    except EOFError:  # the header promises more data than the file holds
+        raise UsageError(
+            f"{option}: {path!r} is truncated: it ends before the array its header announces"
         ) from None
     if not isinstance(loaded, np.ndarray):  # an .npz archive behind a .npy name
         loaded.close()
@@ -117,10 +139,12 @@ def _load_csv(path: str, option: str) -> NDArray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "input contained no data" for an empty file
-            return np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=1)
-    except ValueError as exc:
+            # utf-8-sig: a byte-order mark, as spreadsheet programs write, is not a number
+            return np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=1, encoding="utf-8-sig")
+    except (ValueError, UnicodeDecodeError) as exc:
+        reason = str(exc).rstrip(".")
         raise UsageError(
-            f"{option}: cannot read {path!r} as comma-separated numbers: {exc}"
+            f"{option}: cannot read {path!r} as comma-separated numbers: {reason}"
         ) from None
 
 
@@ -147,6 +171,8 @@ def read_values(text: str, option: str) -> NDArray:
                 f"expected a .npy or .csv file, or inline numbers such as '0.3,0.7'"
             )
         return parse_inline(stripped, option)
+    if os.path.isdir(stripped):
+        raise UsageError(f"{option}: {stripped!r} is a directory, expected a {suffix} file")
     if not os.path.isfile(stripped):
         raise UsageError(f"{option}: no such file {stripped!r}")
     try:
