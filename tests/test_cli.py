@@ -943,6 +943,22 @@ def test_ascii_only_streams(argv):
         assert "sum" in text or "sigmoid" in text
 
 
+def test_ascii_only_stream_json_keeps_its_text():
+    """--json on an ASCII stream: \\u escapes, the same data as on a UTF-8 stream."""
+    runs = [
+        subprocess.run(
+            [sys.executable, "-m", "crossent", "demo", "--json"],
+            capture_output=True,
+            timeout=120,
+            check=True,
+            env={**os.environ, "PYTHONIOENCODING": encoding},
+        ).stdout
+        for encoding in ("ascii", "utf-8")
+    ]
+    assert runs[0].isascii() and not runs[1].isascii()
+    assert json.loads(runs[0]) == json.loads(runs[1])
+
+
 def test_python_m_crossent_demo_subprocess():
     result = subprocess.run(
         [sys.executable, "-m", "crossent", "demo"],

@@ -280,7 +280,7 @@ def _run_loss(args: argparse.Namespace) -> int:
                 "reduction": explanation.reduction,
                 "total": explanation.total,
             }
-        _out(json.dumps(jsonable(result), ensure_ascii=False))
+        _out_json(result)
         return EXIT_OK
 
     if explanation is not None:
@@ -311,7 +311,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     report = run_demo()
     if args.json:
-        _out(json.dumps(jsonable(report.data), ensure_ascii=False))
+        _out_json(report.data)
     else:
         _out("\n".join(report.lines))
     return EXIT_OK
@@ -325,6 +325,22 @@ def _out(text: str) -> None:
     print(encodable(text, sys.stdout.encoding))
 
 
+def _out_json(data: object) -> None:
+    """One JSON object on stdout; ``\\u`` escapes where the stream cannot encode a character."""
+    text = json.dumps(jsonable(data), ensure_ascii=False)
+    if not _can_encode(text, sys.stdout.encoding):
+        text = json.dumps(jsonable(data), ensure_ascii=True)
+    _out(text)
+
+
+def _can_encode(text: str, encoding: str | None) -> bool:
+    try:
+        text.encode(encoding or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
 def _error(message: str) -> None:
     text = "crossent: error: " + " ".join(message.split())
     print(encodable(text, sys.stderr.encoding), file=sys.stderr)
@@ -332,11 +348,7 @@ def _error(message: str) -> None:
 
 def _symbols_fit(stream: object) -> bool:
     """Whether ``stream`` can encode the symbols of the text output (σ, Σ, ε, −)."""
-    try:
-        "σΣε−·…Δ".encode(getattr(stream, "encoding", None) or "utf-8")
-    except (UnicodeEncodeError, LookupError):
-        return False
-    return True
+    return _can_encode("σΣε−·…Δ", getattr(stream, "encoding", None))
 
 
 def _quiet_closed_pipe() -> int:
