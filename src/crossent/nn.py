@@ -18,6 +18,7 @@ __all__ = [
     "CrossEntropyLoss",
     "NLLLoss",
     "LinearCrossEntropyLoss",  # noqa: F822 (lazy, see __getattr__)
+    "LinearDistillationLoss",  # noqa: F822 (lazy, see __getattr__)
 ]
 
 
@@ -62,4 +63,8 @@ def __getattr__(name: str):
         from crossent.linear import LinearCrossEntropyLoss
 
         return LinearCrossEntropyLoss
+    if name == "LinearDistillationLoss":
+        from crossent.distillation import LinearDistillationLoss
+
+        return LinearDistillationLoss
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
