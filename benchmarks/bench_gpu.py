@@ -4,8 +4,9 @@
     python benchmarks/bench_gpu.py --shapes ce-logits --out results.md
     python benchmarks/bench_gpu.py --dry-run             # the plan only; runs on a CPU machine
 
-For each reference shape of ``DESIGN.md`` it times forward and forward+backward (median of
-``triton.testing.do_bench``, CUDA events, after warm-up; backward is reported as the difference)
+For each reference shape (``SHAPES``: the classifier shapes of two open models, and the first
+one's logits) it times forward and forward+backward (median of ``triton.testing.do_bench``, CUDA
+events, after warm-up; backward is reported as the difference)
 and measures the peak device memory above the inputs, weights and their gradients
 (``torch.cuda.max_memory_allocated`` minus what was allocated before the call, minus the
 gradients that outlive it). Every implementation runs in this one process, side by side.
@@ -321,7 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=sorted(SHAPES),
         default=list(SHAPES),
-        help="reference shapes from DESIGN.md (default: all)",
+        help="reference shapes (default: all)",
     )
     parser.add_argument(
         "--impls",
