@@ -477,3 +477,39 @@ def test_probability_target_errors():
         linear_cross_entropy_probs(x, w, probs, label_smoothing=1.5)
     with pytest.raises(RuntimeError, match="in_features"):
         linear_cross_entropy_probs(x, w[:, :-1], probs)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face: the causal-LM label shift.
+
+
+def test_lm_head_distillation_loss_shifts_labels(trl_jsd):
+    from crossent.integrations._distillation import lm_head_distillation_loss
+
+    gen = torch.Generator().manual_seed(6)
+    student_head = torch.nn.Linear(D_S, V, bias=True, dtype=F64)
+    teacher_head = torch.nn.Linear(D_T, V, bias=False, dtype=F64)
+    hs = torch.randn(N_BATCH, N_TIME, D_S, generator=gen, dtype=F64, requires_grad=True)
+    ht = torch.randn(N_BATCH, N_TIME, D_T, generator=gen, dtype=F64)
+    labels = torch.randint(0, V, (N_BATCH, N_TIME), generator=gen)
+    labels[0, :3] = -100  # a prompt
+    loss = lm_head_distillation_loss(hs, student_head, ht, teacher_head, labels, beta=0.25,
+                                     temperature=2.0)  # fmt: skip
+    # TRL scores position i against label i + 1: logits[:, :-1] with labels[:, 1:].
+    ref = trl_jsd(student_head(hs)[:, :-1], teacher_head(ht)[:, :-1], labels=labels[:, 1:],
+                  beta=0.25, temperature=2.0)  # fmt: skip
+    torch.testing.assert_close(loss, ref, **F64_TOL)
+    (g,) = torch.autograd.grad(loss, student_head.weight)
+    (r,) = torch.autograd.grad(ref, student_head.weight)
+    torch.testing.assert_close(g, r, **F64_TOL)
+    assert teacher_head.weight.grad is None
+
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    by_count = lm_head_distillation_loss(hs, student_head, ht, teacher_head, shift_labels=shifted,
+                                         beta=0.25, temperature=2.0,
+                                         num_items_in_batch=torch.tensor(7))  # fmt: skip
+    kept = (shifted != -100).sum()
+    torch.testing.assert_close(by_count, loss * kept / 7, **F64_TOL)
+    low = lm_head_distillation_loss(hs.float(), student_head.weight.float(), ht.bfloat16(),
+                                    teacher_head.weight.bfloat16(), labels)  # fmt: skip
+    assert low.dtype == torch.float32
