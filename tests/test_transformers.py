@@ -302,6 +302,13 @@ def test_apply_refuses_a_head_that_is_not_linear():
     assert not hf.is_patched(model)
 
 
+def test_refuses_a_head_weight_it_cannot_read_directly():
+    model = hf.apply(_model("llama"))
+    model.lm_head.weight = torch.nn.Parameter(torch.empty(VOCAB, 32, device="meta"))
+    with pytest.raises(hf.UnsupportedModelError, match="'llama'.*meta"):
+        model(**_batch("llama"))
+
+
 def test_lm_head_loss_for_custom_loops():
     for family in ("gemma2", "granite", "cohere", "phi"):
         model = _model(family)
@@ -368,8 +375,12 @@ def test_unpatch_other_instances_state_dict_and_signature():
     assert list(model.state_dict()) == keys
     assert model(**_batch("llama")).logits is None
     assert other(**_batch("llama")).logits is not None  # the class is untouched
+    clone = copy.deepcopy(model)  # the copy is patched, bound to itself
+    assert clone(**_batch("llama")).logits is None
+    assert clone.forward.__self__ is clone
     hf.unpatch(model)
     assert not hf.is_patched(model) and "forward" not in model.__dict__
+    assert hf.is_patched(clone)
     out = model(**_batch("llama"))
     assert out.logits is not None and out.logits.shape == (2, SEQ, VOCAB)
     hf.unpatch(model)  # twice: harmless

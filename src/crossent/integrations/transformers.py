@@ -756,6 +756,15 @@ def _patched_forward(model: nn.Module, patch: _Patch, args: tuple, kwargs: dict)
             f"{patch.model_type!r} is now {type(head).__name__}, expected torch.nn.Linear; "
             "unpatch the model before replacing its head"
         )
+    weight = head.weight
+    if weight.device.type == "meta" or type(weight) not in (Tensor, nn.Parameter):
+        # A sharded (DTensor), offloaded or quantised weight: the module's own call gathers
+        # or dequantises it, a direct read would not.
+        what = (
+            f"has an output embedding whose weight is a {type(weight).__name__} on {weight.device}"
+        )
+        _Call(patch.model_type, head, head.forward, patch.strict, patch.options).refuse(what)
+        return patch.original(*args, **kwargs)
     head_forward = head.forward
     call = _Call(patch.model_type, head, head_forward, patch.strict, patch.options)
 
