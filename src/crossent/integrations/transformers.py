@@ -3,7 +3,9 @@
 ``apply(model)`` patches *this instance's* ``forward`` (never the class) so that a training
 forward with ``labels`` computes its loss with :func:`crossent.linear_cross_entropy` from the
 hidden states and the output embedding, and never holds the N×V logits. ``unpatch(model)``
-undoes it. ``lm_head_loss(...)`` is the same loss for hand-written training loops.
+undoes it. ``lm_head_loss(...)`` is the same loss for hand-written training loops;
+``lm_head_distillation_loss(...)`` (from ``crossent.integrations._distillation``) distils a
+teacher's head into a student's with the same label shift.
 
 How the patched forward works. It runs the model's own ``forward`` (so the backbone call, the
 MoE auxiliary loss, ``num_items_in_batch``, ``shift_labels`` and every other keyword stay the
@@ -54,9 +56,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crossent import _checks
+from crossent.integrations._distillation import lm_head_distillation_loss
 from crossent.linear import linear_cross_entropy
 
-__all__ = ["apply", "unpatch", "lm_head_loss", "is_patched", "UnsupportedModelError"]
+__all__ = [
+    "apply",
+    "unpatch",
+    "lm_head_loss",
+    "lm_head_distillation_loss",
+    "is_patched",
+    "UnsupportedModelError",
+]
 
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"
 _STATE = "_crossent_patch"  # instance attribute holding the patch (not in state_dict)
