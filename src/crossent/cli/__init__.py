@@ -28,7 +28,7 @@ from typing import NoReturn, TextIO
 import numpy as np
 import torch
 
-from crossent.cli._format import ascii_output, encodable, exact, jsonable, table
+from crossent.cli._format import ascii_output, can_encode, encodable, exact, jsonable, table
 from crossent.cli._losses import (
     LIBRARY_ERRORS,
     LOSSES,
@@ -328,17 +328,9 @@ def _out(text: str) -> None:
 def _out_json(data: object) -> None:
     """One JSON object on stdout; ``\\u`` escapes where the stream cannot encode a character."""
     text = json.dumps(jsonable(data), ensure_ascii=False)
-    if not _can_encode(text, sys.stdout.encoding):
+    if not can_encode(text, sys.stdout.encoding):
         text = json.dumps(jsonable(data), ensure_ascii=True)
     _out(text)
-
-
-def _can_encode(text: str, encoding: str | None) -> bool:
-    try:
-        text.encode(encoding or "utf-8")
-    except (UnicodeEncodeError, LookupError):
-        return False
-    return True
 
 
 def _error(message: str) -> None:
@@ -348,7 +340,7 @@ def _error(message: str) -> None:
 
 def _symbols_fit(stream: object) -> bool:
     """Whether ``stream`` can encode the symbols of the text output (σ, Σ, ε, −)."""
-    return _can_encode("σΣε−·…Δ", getattr(stream, "encoding", None))
+    return can_encode("σΣε−·…Δ", getattr(stream, "encoding", None))
 
 
 def _quiet_closed_pipe() -> int:

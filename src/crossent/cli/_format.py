@@ -18,6 +18,7 @@ from numpy.typing import DTypeLike, NDArray
 
 __all__ = [
     "ascii_output",
+    "can_encode",
     "encodable",
     "exact",
     "jsonable",
@@ -69,7 +70,7 @@ def encodable(text: str, encoding: str | None = None) -> str:
     With ASCII output on (or when ``encoding`` cannot encode ``text``), the known symbols are
     spelled out and anything else becomes a backslash escape (``\\u2248``), never an error.
     """
-    if _ascii_only or (encoding and not _can_encode(text, encoding)):
+    if _ascii_only or (encoding and not can_encode(text, encoding)):
         text = text.translate(_ASCII_SPELLING)
         target = encoding if encoding and not _ascii_only else "ascii"
         text = text.encode(target, "backslashreplace").decode(target)
@@ -90,9 +91,10 @@ def paragraph(text: str, indent: str = "", hanging: str | None = None) -> list[s
     )
 
 
-def _can_encode(text: str, encoding: str) -> bool:
+def can_encode(text: str, encoding: str | None) -> bool:
+    """Whether ``encoding`` (default UTF-8) can encode ``text``."""
     try:
-        text.encode(encoding)
+        text.encode(encoding or "utf-8")
     except (UnicodeEncodeError, LookupError):
         return False
     return True
