@@ -10,7 +10,7 @@ its own; the two runs print the same losses, and the crossent one needs less mem
 Usage::
 
     pip install "crossent[transformers]" accelerate    # or: pip install -r requirements-dev.txt
-    python examples/hf_finetune.py                      # 30 steps each, about a minute
+    python examples/hf_finetune.py                      # 30 steps each, a few minutes
     python examples/hf_finetune.py --steps 5 --seq 128  # quicker
 """
 
