@@ -54,11 +54,12 @@ __all__ = [
     "linear_distillation_chunked",
 ]
 
-# Scratch budget of one chunk, all buffers together (student logits + the objective's
-# scratch). Twice the linear cross entropy budget, since the distillation chunk needs four or
-# five (B, V) buffers: at V=32000 float32 that is 128 rows, where each chunk's matmuls still
-# run near their unchunked speed (docs/distillation.md has the measurements).
-SOFT_CHUNK_BYTES = 2 * CHUNK_BYTES
+# Scratch budget of one chunk, all (B, V) buffers together: the student's logits and the
+# objective's scratch (two to four more). Four times the linear cross entropy budget, so that a
+# distillation chunk still has 256-336 rows at V=32000 float32: the weight-gradient update
+# (a (V, D) read and write per chunk) and each chunk's matmuls stay near their unchunked cost
+# (docs/distillation.md).
+SOFT_CHUNK_BYTES = 4 * CHUNK_BYTES
 
 
 def _on_host(t: Tensor) -> bool:
@@ -150,15 +151,17 @@ class _Distillation:
         self.soft_weight = soft_weight
         self.hard_weight = hard_weight
         self.acc = acc
-        # Teacher logits, mixture and probabilities; a fourth for the temperature-1 softmax
-        # of the hard term when the temperature is not 1.
-        self.n_scratch = 3 + (1 if hard_weight > 0 and temperature != 1.0 else 0)
+        # Scratch: the teacher's logits and one more buffer (q for the forward KL, p for the
+        # reverse KL); the JSD needs the mixture and a probability buffer; the hard term at a
+        # temperature other than 1 needs the temperature-1 softmax.
+        self.jsd = 0.0 < beta < 1.0
+        self.n_scratch = (3 if self.jsd else 2) + (1 if hard_weight > 0 and temperature != 1 else 0)
 
     def __call__(
         self, start: int, stop: int, z: Tensor, scratch: list[Tensor], sig: Tensor | None
     ) -> tuple[Tensor, float]:
         n = z.shape[0]
-        lt, mix, probs = (s[:n] for s in scratch[:3])
+        lt, mix = scratch[0][:n], scratch[1][:n]  # (B, V) each
         beta, temp, hard = self.beta, self.temperature, self.hard_weight
         want_grad = sig is not None
 
@@ -171,10 +174,11 @@ class _Distillation:
             torch.addmm(self.bias_t, x_t, self.weight_t.T, out=lt)
 
         hard_loss = None
+        probs_1 = None  # softmax(z) at temperature 1, for the hard term's gradient
         if hard > 0:
             t_col = self.target[start:stop].unsqueeze(1)
             if temp != 1.0:
-                probs_1 = scratch[3][:n]  # log_softmax(z) at temperature 1, then its exp
+                probs_1 = scratch[-1][:n]
                 torch._log_softmax(z, 1, False, out=probs_1)
                 hard_loss = probs_1.gather(1, t_col).squeeze(1).neg_()
                 if want_grad:
@@ -192,6 +196,7 @@ class _Distillation:
             torch.exp(lt, out=mix)  # q
             lt.sub_(z)
             div = _row_dot(mix, lt)
+            probs = lt  # free now
             if want_grad:
                 torch.exp(z, out=probs)  # p
                 torch.sub(probs, mix, out=z)
@@ -199,8 +204,10 @@ class _Distillation:
         else:
             if beta == 1.0:
                 ref = lt  # reverse KL(p ‖ q) = Σ p (ls - lt)
+                probs = mix
                 coef = 1.0
             else:
+                probs = scratch[2][:n]
                 torch.add(z, math.log1p(-beta), out=mix)
                 torch.add(lt, math.log(beta), out=probs)
                 torch.logaddexp(mix, probs, out=mix)  # lm = log(β q + (1-β) p)
@@ -231,7 +238,8 @@ class _Distillation:
         if hard == 0:
             return loss, soft_factor
         # g = soft_factor·g_soft + h·(p1 - e_t) = h·(p1 + (soft_factor/h)·g_soft - e_t)
-        probs_1 = probs if temp == 1.0 else scratch[3][:n]
+        if probs_1 is None:
+            probs_1 = probs
         torch.add(probs_1, z, alpha=soft_factor / hard, out=z)
         z.scatter_add_(1, t_col, z.new_full((n, 1), -1.0))
         return loss, hard
