@@ -289,6 +289,92 @@ def test_uint8_target_equals_int64():
     assert_matches(a, c, dict(rtol=0, atol=0))
 
 
+@pytest.mark.parametrize("shape", [(4, 0), (2, 3, 0), (0,)])
+def test_zero_hidden_size_gives_log_num_classes(shape, code_path):
+    """D = 0: every logit is 0 (or the bias), the loss log V, as torch; gradients are empty."""
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(13, 0, dtype=torch.float64)
+    t = torch.randint(0, 13, shape[:-1])
+    for reduction in ("mean", "sum", "none"):
+        ours = run(crossent.linear_cross_entropy, x, w, None, t, reduction=reduction)
+        theirs = run(reference, x, w, None, t, reduction=reduction)
+        assert_matches(ours, theirs, TOL[torch.float64])
+        if reduction == "mean":
+            torch.testing.assert_close(ours[0], torch.tensor(13.0, dtype=x.dtype).log())
+    b = torch.randn(13, dtype=torch.float64)
+    ours = run(crossent.linear_cross_entropy, x, w, b, t, label_smoothing=0.1, z_loss=0.01)
+    theirs = run(reference, x, w, b, t, label_smoothing=0.1, z_loss=0.01)
+    assert_matches(ours, theirs, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1}, {"z_loss": 1e-3}, {"softcap": 5.0}])
+def test_infinite_logit_in_kept_row_is_nan_like_torch(opts, code_path):
+    """A kept row with a +inf logit: log_softmax is NaN there (inf - inf), so is the loss."""
+    x, w, b, t, _ = make(6, 3, 7, bias=True)
+    w[:, 0] = torch.linspace(-1.0, 1.0, 7, dtype=w.dtype)  # row 2's logits: -inf ... +inf
+    x[2, 0] = float("inf")
+    t[2] = 0  # the target logit of row 2 is -inf, so the old lse fallback said inf
+    for reduction in ("none", "mean", "sum"):
+        ours = crossent.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, **opts)
+        theirs = reference(x, w, t, linear_bias=b, reduction=reduction, **opts)
+        torch.testing.assert_close(ours, theirs, equal_nan=True, **TOL[torch.float64])
+        if "softcap" not in opts:  # softcap maps inf to the finite cap
+            assert torch.isnan(ours.reshape(-1)[2 if reduction == "none" else 0])
+
+
+@pytest.mark.parametrize("opts", [{"label_smoothing": 0.1}, {"label_smoothing": 1.0}, {}])
+def test_zero_weight_on_every_kept_target_mean_is_nan_like_torch(opts, code_path):
+    """'mean' = target term / Σ w_t + smoothing term / Σ w_t: 0/0 + x/0 is NaN, not inf."""
+    x, w, b, t, cw = make(8, 3, 6, bias=True, class_weight=True, ignore_every=3)
+    t[t >= 0] = t[t >= 0] % 2  # the kept targets are classes 0 and 1 ...
+    cw[:2] = 0.0  # ... whose weight is 0; the other classes keep theirs
+    ours = run(crossent.linear_cross_entropy, x, w, b, t, weight=cw, **opts)
+    theirs = run(reference, x, w, b, t, weight=cw, **opts)
+    assert torch.isnan(theirs[0]) and torch.isnan(ours[0])
+    for g1, g2 in zip(ours[1], theirs[1], strict=True):
+        assert torch.equal(torch.isfinite(g1), torch.isfinite(g2))
+    for reduction in ("sum", "none"):  # finite there, and equal to torch's
+        ours = run(
+            crossent.linear_cross_entropy, x, w, b, t, weight=cw, reduction=reduction, **opts
+        )
+        theirs = run(reference, x, w, b, t, weight=cw, reduction=reduction, **opts)
+        assert_matches(ours, theirs, TOL[torch.float64])
+
+
+def test_large_logits_cost_no_extra_matmul():
+    """Rows whose target probability underflows (losses ~120, logit scale ~30) read lse from
+    their largest probability: the same matmuls as at unit scale, no recomputation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for scale in (1.0, 30.0):
+        x, w, _, t, _ = make(48, 16, 500, dtype=torch.float32, seed=2)
+        x, w = x * scale**0.5, w * scale**0.5
+        with CountMatmuls() as mode:
+            ours = run(
+                crossent.linear_cross_entropy, x, w, None, t, reduction="none", chunk_size=16
+            )
+        counts.append(mode.count)
+        exact = run(reference, x.double(), w.double(), None, t, reduction="none")
+        if scale > 1:
+            # most rows are past where p_t is read (p_t < tiny/eps: a loss above ~71)
+            assert (exact[0] > 72).double().mean() > 0.5
+        assert_matches(
+            ours, (exact[0].float(), tuple(g.float() for g in exact[1])), TOL[torch.float32]
+        )
+    assert counts[0] == counts[1], counts
+
+
 # --------------------------------------------------------------------------------------------
 # Ignored tokens.
 
@@ -320,6 +406,37 @@ def test_all_ignored(opts, code_path):
     value, grads = run(crossent.linear_cross_entropy, x, w, b, t, reduction="none", **opts)
     assert torch.equal(value, torch.zeros(10, dtype=x.dtype))
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_nonfinite_ignored_row_contributes_nothing(bad, reduction, code_path):
+    """An ignored token contributes nothing, whatever its hidden state holds: its gradient row
+    is 0 and the weight gradient is the one without it. (torch's composition gives NaN in all
+    of grad_W and in that row, by 0·NaN in the log_softmax backward; documented.)"""
+    x, w, b, t, cw = make(9, 4, 6, bias=True, class_weight=True)
+    t[[2, 5]] = -100
+    x[2, 1] = bad
+    x[5] = bad
+    kept = t != -100
+    kw = dict(weight=cw, reduction=reduction, label_smoothing=0.1, z_loss=0.01)
+    upstream = torch.linspace(0.5, 1.5, 9, dtype=x.dtype)
+
+    def value_and_grads(fn, x, t, upstream):
+        leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+        out = fn(leaves[0], leaves[1], t, linear_bias=leaves[2], **kw)
+        grad_out = upstream if reduction == "none" else upstream[0]
+        return out.detach(), torch.autograd.grad(out, leaves, grad_out)
+
+    value, (gx, gw, gb) = value_and_grads(crossent.linear_cross_entropy, x, t, upstream)
+    ref_value, (rgx, rgw, rgb) = value_and_grads(reference, x[kept], t[kept], upstream[kept])
+    if reduction == "none":
+        assert torch.equal(value[~kept], torch.zeros(2, dtype=x.dtype))
+        value = value[kept]
+    torch.testing.assert_close(value, ref_value, **TOL[torch.float64])
+    assert torch.equal(gx[~kept], torch.zeros_like(gx[~kept]))
+    for ours, theirs in ((gx[kept], rgx), (gw, rgw), (gb, rgb)):
+        torch.testing.assert_close(ours, theirs, **TOL[torch.float64])
 
 
 def test_empty_batch():

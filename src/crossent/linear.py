@@ -248,7 +248,8 @@ def linear_cross_entropy(
     chunk_size = _checks.check_chunk_size(chunk_size, _FN)
     _checks.check_target_range(target, n_classes, ignore_index)
 
-    x2d = input.reshape(-1, input.shape[-1])  # (N, D), a view when it can be
+    # (N, D), a view when it can be; N spelled out, since -1 is ambiguous when D = 0
+    x2d = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
     t1d = target.reshape(-1)
     if t1d.dtype != torch.int64:
         t1d = t1d.long()

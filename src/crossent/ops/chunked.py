@@ -7,8 +7,10 @@ Contract of this module:
 - writes only tensors it allocates (never a caller's tensor); the largest is one chunk of
   logits, ``chunk_rows × V`` in the accumulation dtype (two of them with ``softcap``);
 - assumes nothing about values: NaN/inf propagate as in torch's eager composition, except
-  that ignored rows are dropped before the matmul (a NaN in an ignored row gives a 0 gradient
-  there, where torch's ``log_softmax`` backward gives NaN).
+  that an ignored token contributes nothing at all: on the host its row is dropped before the
+  matmuls, elsewhere it enters them as zeros, so NaN/inf in an ignored row give a 0 gradient
+  row and leave the weight gradient alone (torch's ``log_softmax`` backward spreads NaN from
+  such a row over all of ``grad_W``, by 0·NaN).
 
 The math, per kept token i with logits ``z = x_i W^T + b`` (optionally soft-capped,
 ``s = c·tanh(z/c)``), ``lse = log Σ_c exp(s_c)``, ``p = softmax(s)``, class weights ``w``
@@ -161,7 +163,8 @@ def _scatter_rows(values: Tensor, rows: _Rows, fill_shape: tuple[int, ...]) -> T
 
 @dataclasses.dataclass
 class _PassOutput:
-    loss_rows: Tensor | None  # (M,) acc dtype, 0 on masked rows
+    loss_rows: Tensor | None  # (M,) acc dtype: the (1-ε)·w_t·(lse - s_t) term, 0 on masked rows
+    extra_rows: Tensor | None  # (M,) the smoothing and z-loss terms; None when both are off
     grad_x: Tensor | None  # (M, D) acc dtype
     grad_weight: Tensor | None  # (V, D) acc dtype
     grad_bias: Tensor | None  # (V,) acc dtype
@@ -174,8 +177,9 @@ def _softmax_(logits: Tensor, target_col: Tensor, target_logit: Tensor) -> Tenso
     summed and scaled while it sits in L2) and the log-sum-exp is read back from the target
     column: ``lse = s_t - log p_t``. That is as accurate as torch's ``log_softmax`` (both carry
     an absolute error of a few ulp of ``|s_t - max|``) as long as ``p_t`` is a normal number
-    with room to spare; rows where it is not (a loss above ~70 in float32) are flagged with
-    NaN and recomputed by the caller. This saves the separate max pass over the chunk.
+    with room to spare; rows where it is not (a loss above ~70 in float32, common with
+    large-scale logits) are flagged with NaN and read from their largest probability instead
+    by the caller (``_lse_from_row_max``). This saves the separate max pass over the chunk.
     Elsewhere (accelerators) the max, exp, sum and scale run as separate in-place passes.
     """
     if _on_host(logits):
@@ -191,16 +195,42 @@ def _softmax_(logits: Tensor, target_col: Tensor, target_logit: Tensor) -> Tenso
     return (row_max + sum_exp.log_()).squeeze(1)
 
 
-def _exact_lse(
-    x_rows: Tensor, weight_acc: Tensor, bias_acc: Tensor | None, cap: float | None
+def _lse_from_row_max(
+    probs: Tensor,
+    redo: Tensor,
+    x_c: Tensor,
+    weight_acc: Tensor,
+    bias_acc: Tensor | None,
+    cap: float | None,
 ) -> Tensor:
-    """Log-sum-exp of a few rows' logits, recomputed from scratch (the rare fallback)."""
-    logits = x_rows @ weight_acc.T
+    """Log-sum-exp of the rows ``redo`` of a softmaxed chunk, read from their largest class.
+
+    The largest probability ``p_m = 1 / Σ_c exp(s_c - s_m)`` is at least ``1/V``, never
+    denormal, so ``lse = s_m - log p_m`` is exact to rounding (``log p_m`` is torch's
+    ``-log Σ exp(s - max)``). The logit ``s_m`` was overwritten by the softmax; it is recomputed
+    as one dot product per row (``B·D`` work instead of the chunk's ``B·V·D``). A row holding
+    NaN or ``+inf`` has NaN probabilities and gets a NaN ``lse``, as ``log_softmax`` gives.
+
+    Args:
+        probs: (B, V) the chunk after the softmax.
+        redo: (R,) rows to read.
+        x_c: (B, D) the chunk's hidden states in the accumulation dtype.
+        weight_acc, bias_acc, cap: the classifier and soft-cap of the call.
+
+    Returns:
+        (R,) the rows' log-sum-exp.
+    """
+    if 4 * redo.numel() >= probs.shape[0]:  # most rows: one pass over the chunk, no copy
+        p_max, col = probs.max(1)
+        p_max, col = p_max.index_select(0, redo), col.index_select(0, redo)
+    else:
+        p_max, col = probs.index_select(0, redo).max(1)
+    logit = (x_c.index_select(0, redo) * weight_acc.index_select(0, col)).sum(1)
     if bias_acc is not None:
-        logits = logits + bias_acc
+        logit = logit + bias_acc.index_select(0, col)
     if cap is not None:
-        logits = cap * torch.tanh(logits / cap)
-    return torch.logsumexp(logits, 1)
+        logit = logit.div(cap).tanh_().mul_(cap)
+    return logit - p_max.log()
 
 
 def _chunked_pass(
@@ -252,13 +282,15 @@ def _chunked_pass(
     w_target = None if cw is None else cw.index_select(0, target)  # (M,)
 
     loss_rows = torch.zeros(m, dtype=acc, device=device) if want_loss else None
+    has_extra = want_loss and (eps > 0 or zeta > 0)
+    extra_rows = torch.zeros(m, dtype=acc, device=device) if has_extra else None
     grad_x = torch.empty((m, d), dtype=acc, device=device) if want_grads and want_grad_x else None
     grad_weight = (
         torch.zeros((v, d), dtype=acc, device=device) if want_grads and want_grad_weight else None
     )
     grad_bias = torch.zeros(v, dtype=acc, device=device) if want_grads and want_grad_bias else None
     if m == 0:
-        return _PassOutput(loss_rows, grad_x, grad_weight, grad_bias)
+        return _PassOutput(loss_rows, extra_rows, grad_x, grad_weight, grad_bias)
 
     rows_per_chunk = choose_chunk_rows(
         m, v, acc, softcap=cap is not None and want_grads, chunk_size=cfg.chunk_size
@@ -280,6 +312,11 @@ def _chunked_pass(
         x_c = x[start:stop]
         if x_c.dtype != acc:
             x_c = x_c.to(acc)
+        if keep is not None:
+            # Masked (ignored) rows enter the matmuls as zeros, so that NaN/inf in them cannot
+            # reach the weight gradient (0·NaN = NaN): an ignored token contributes nothing,
+            # as on the host, where it is dropped before the matmul.
+            x_c = torch.where(keep[start:stop].unsqueeze(1), x_c, 0.0)
         t_c = target[start:stop]
         t_col = t_c.unsqueeze(1)
         logits = buf[:n]  # (n, V)
@@ -304,21 +341,28 @@ def _chunked_pass(
         if _on_host(lse):
             redo = torch.isnan(lse).nonzero().squeeze(1)
             if redo.numel():
-                # p_t too small to read lse from (or NaN input): recompute those rows exactly.
-                exact = _exact_lse(x_c.index_select(0, redo), weight_acc, bias_acc, cap)
+                # p_t too small to read lse from (or NaN/inf input): read the largest class.
+                exact = _lse_from_row_max(logits, redo, x_c, weight_acc, bias_acc, cap)
                 lse = lse.index_copy(0, redo, exact)
 
         w_t = None if w_target is None else w_target[start:stop]
         if want_loss:
             nll = lse - s_t
             loss_c = nll if w_t is None else nll * w_t
+            extra_c = None
             if eps > 0:
-                loss_c = (1 - eps) * loss_c + (eps / v) * (w_sum * lse - smooth_dot)
+                loss_c = (1 - eps) * loss_c
+                extra_c = (eps / v) * (w_sum * lse - smooth_dot)
             if zeta > 0:
-                loss_c = loss_c + zeta * lse * lse
+                z_term = zeta * lse * lse
+                extra_c = z_term if extra_c is None else extra_c + z_term
             if keep is not None:
                 loss_c = torch.where(keep[start:stop], loss_c, 0.0)
+                if extra_c is not None:
+                    extra_c = torch.where(keep[start:stop], extra_c, 0.0)
             loss_rows[start:stop] = loss_c
+            if extra_c is not None:
+                extra_rows[start:stop] = extra_c
 
         if not want_grads:
             continue
@@ -369,7 +413,7 @@ def _chunked_pass(
             grad_weight.addr_(w_vec, sum_sigma_x, alpha=-eps / v)
         if grad_bias is not None:
             grad_bias.add_(w_vec * sum_sigma, alpha=-eps / v)
-    return _PassOutput(loss_rows, grad_x, grad_weight, grad_bias)
+    return _PassOutput(loss_rows, extra_rows, grad_x, grad_weight, grad_bias)
 
 
 def _denominator(rows: _Rows, class_weight: Tensor | None, acc: torch.dtype) -> Tensor:
@@ -393,11 +437,21 @@ def _sigma(rows: _Rows, scale: Tensor) -> Tensor:
     return sig.contiguous()
 
 
-def _reduce(loss_rows: Tensor, rows: _Rows, denom: Tensor | None, cfg: ChunkedConfig) -> Tensor:
+def _reduce(out: _PassOutput, rows: _Rows, denom: Tensor | None, cfg: ChunkedConfig) -> Tensor:
+    """The reduction of the per-row terms.
+
+    ``'mean'`` divides the target term and the smoothing/z-loss terms by the denominator
+    separately, as ``F.cross_entropy`` does: when every kept target has class weight 0 the
+    target term is 0/0 and the mean NaN, whatever the smoothing term (x/0) holds.
+    """
     if cfg.reduction == "none":
-        return _scatter_rows(loss_rows, rows, ())
-    total = loss_rows.sum()
-    return total / denom if cfg.reduction == "mean" else total
+        loss = out.loss_rows if out.extra_rows is None else out.loss_rows + out.extra_rows
+        return _scatter_rows(loss, rows, ())
+    if cfg.reduction == "sum":
+        total = out.loss_rows.sum()
+        return total if out.extra_rows is None else total + out.extra_rows.sum()
+    mean = out.loss_rows.sum() / denom
+    return mean if out.extra_rows is None else mean + out.extra_rows.sum() / denom
 
 
 def _grads_for(
@@ -491,7 +545,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 want_grad_weight=False,
                 want_grad_bias=False,
             )
-            return _reduce(out.loss_rows, rows, None, cfg).to(x.dtype)
+            return _reduce(out, rows, None, cfg).to(x.dtype)
 
         denom = _denominator(rows, class_weight, acc) if cfg.reduction == "mean" else None
         scale = 1.0 / denom if denom is not None else torch.ones((), dtype=acc, device=x.device)
@@ -509,7 +563,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
         # Gradients of the reduced loss, held until backward scales them by grad_output.
         ctx.grads = _finish_grads(out, rows, x, linear_weight, linear_bias)
-        return _reduce(out.loss_rows, rows, denom, cfg).to(x.dtype)
+        return _reduce(out, rows, denom, cfg).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
@@ -622,4 +676,4 @@ def linear_cross_entropy_chunked(
     denom = None
     if reduction == "mean":
         denom = _denominator(rows, weight, accumulation_dtype(x.dtype))
-    return _reduce(out.loss_rows, rows, denom, cfg).to(x.dtype)
+    return _reduce(out, rows, denom, cfg).to(x.dtype)
