@@ -113,7 +113,11 @@ def select_backend(*tensors: torch.Tensor | None) -> Backend:
     """
     mode = backend_mode()
     present = [t for t in tensors if isinstance(t, torch.Tensor)]
-    if mode == "torch" or _under_transform(present):
+    if mode == "torch":
+        return "torch"
+    if mode == "auto" and any(t.device.type != "cuda" for t in present):
+        return "torch"  # the common CPU case, decided before the costlier looks below
+    if _under_transform(present):
         return "torch"
     if mode == "triton":
         if not triton_importable():

@@ -205,8 +205,13 @@ def _broadcast_or_raise(
                 f"dimensions; for a per-channel {name} on (N, C, H, W) input use shape "
                 "(C, 1, 1).)"
             )
-    full = torch.broadcast_shapes(input_shape, other.shape)
-    if full != input_shape:
+    # The broadcast shape, by hand: torch.broadcast_shapes goes through torch._refs, which
+    # imports sympy on first use and costs tens of microseconds a call.
+    ndim = max(len(in_dims), len(w_dims))
+    padded_in = [1] * (ndim - len(in_dims)) + in_dims
+    padded_w = [1] * (ndim - len(w_dims)) + w_dims
+    full = [a if b == 1 else b for a, b in zip(padded_in, padded_w, strict=True)]
+    if full != list(input_shape):
         raise RuntimeError(
             f"output with shape {list(input_shape)} doesn't match the broadcast shape "
             f"{list(full)}: {name} of shape {_shape(other)} would enlarge the input of shape "

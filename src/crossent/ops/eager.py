@@ -35,7 +35,7 @@ _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 # shares that core. Blocks therefore give every thread this many bytes of float32 work (not a
 # fixed byte count for the whole block), so that the number of regions does not grow with the
 # thread count, while a block still fits in the last-level cache between its passes.
-_BYTES_PER_THREAD = 2 << 20
+_BYTES_PER_THREAD = 8 << 20
 _MIN_BLOCK_BYTES = 1 << 20
 
 # The blocked cross-entropy Function is used from this many classes and this many bytes of
