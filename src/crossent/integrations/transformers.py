@@ -613,6 +613,8 @@ class _Patch:
     model_type: str
     strict: bool
     options: dict[str, Any]
+    function: Callable[..., Any] | None = None  # the patched forward, bound to the model
+    disabled: bool = False  # unpatched while another wrapper sits on top of it
 
 
 def _model_type(model: nn.Module) -> str:
@@ -677,7 +679,7 @@ def apply(
     _warn_untested_version()
     state = model.__dict__.get(_STATE)
     if state is not None:
-        state.options, state.strict = options, strict
+        state.options, state.strict, state.disabled = options, strict, False
         return model
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
@@ -714,16 +716,26 @@ def apply(
     forward.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[self_parameter, *signature.parameters.values()]
     )
+    patch.function = forward
     model.__dict__[_STATE] = patch
     model.forward = types.MethodType(forward, model)
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore the forward that :func:`apply` replaced (a no-op on an unpatched model)."""
-    patch = model.__dict__.pop(_STATE, None)
-    if patch is None:
+    """Restore the forward that :func:`apply` replaced (a no-op on an unpatched model).
+
+    If another library has since wrapped ``model.forward`` on top of crossent's (TRL's
+    ``SFTTrainer`` does), that wrapper is kept and crossent's forward only passes calls through.
+    """
+    patch = model.__dict__.get(_STATE)
+    if patch is None or patch.disabled:
         return model
+    current = model.__dict__.get("forward")
+    if getattr(current, "__func__", None) is not patch.function:
+        patch.disabled = True
+        return model
+    del model.__dict__[_STATE]
     if patch.instance_forward is _MISSING:
         model.__dict__.pop("forward", None)
     else:
@@ -732,12 +744,13 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def is_patched(model: nn.Module) -> bool:
-    """Whether :func:`apply` patched this instance."""
-    return _STATE in model.__dict__
+    """Whether :func:`apply` patched this instance (and :func:`unpatch` has not undone it)."""
+    patch = model.__dict__.get(_STATE)
+    return patch is not None and not patch.disabled
 
 
 def _wants_linear_loss(model: nn.Module, patch: _Patch, args: tuple, kwargs: dict) -> bool:
-    if not model.training:
+    if patch.disabled or not model.training:
         return False
     try:
         bound = patch.signature.bind(*args, **kwargs)
