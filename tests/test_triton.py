@@ -347,6 +347,86 @@ def test_linear_cross_entropy_does_not_mutate_inputs():
         assert torch.equal(before, after.detach())
 
 
+def test_zero_weight_on_every_kept_target_with_smoothing_mean_is_nan_like_torch():
+    """'mean' averages the target and smoothing terms separately, as torch: 0/0 + x/0 = NaN."""
+    logits, target, weight = make_ce(n=9, v=40)
+    target[target >= 0] %= 2
+    weight[:2] = 0.0  # every kept target has weight 0; the other classes do not
+    for smoothing in (0.1, 1.0):
+        out = ct.cross_entropy(logits, target, weight=weight, label_smoothing=smoothing)
+        ref = F.cross_entropy(logits, target, weight=weight, label_smoothing=smoothing)
+        assert torch.isnan(ref) and torch.isnan(out)
+        summed = ct.cross_entropy(
+            logits, target, weight=weight, label_smoothing=smoothing, reduction="sum"
+        )
+        ref_sum = F.cross_entropy(
+            logits, target, weight=weight, label_smoothing=smoothing, reduction="sum"
+        )
+        torch.testing.assert_close(summed, ref_sum, **F32)
+    inp, lin_w, bias, target, cw = make_lce(n=9, d=20)
+    target[target >= 0] %= 2
+    cw[:2] = 0.0
+    out = ct.linear_cross_entropy(inp, lin_w, target, weight=cw, label_smoothing=0.1)
+    ref = lce_oracle(inp, lin_w, target, weight=cw, label_smoothing=0.1)
+    assert torch.isnan(ref) and torch.isnan(out)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_linear_cross_entropy_nonfinite_ignored_row_contributes_nothing(bad, monkeypatch):
+    """An ignored token adds nothing to any gradient, whatever its hidden state holds: the
+    same behaviour as the chunked path (torch's composition spreads NaN over grad_W)."""
+    inp, lin_w, bias, target, cw = make_lce(n=20, d=20, n_ignored=0)
+    target[[3, 17]] = -100
+    inp[3, 5] = bad
+    inp[17] = bad
+    kept = target != -100
+    upstream = torch.linspace(0.5, 1.5, 20, device=DEVICE)
+    for reduction in ("none", "mean"):
+        kw = dict(weight=cw, label_smoothing=0.1, z_loss=1e-3, reduction=reduction)
+
+        def grads(fn, rows, kw=kw, reduction=reduction):
+            leaves = [leaf(t) for t in (inp[rows], lin_w, bias)]
+            out = fn(leaves[0], leaves[1], target[rows], linear_bias=leaves[2], **kw)
+            g = upstream[rows] if reduction == "none" else upstream[0]
+            return out.detach(), torch.autograd.grad(out, leaves, g)
+
+        everything = torch.ones(20, dtype=torch.bool, device=DEVICE)
+        out, (gx, gw, gb) = grads(ct.linear_cross_entropy, everything)
+        ref, (rgx, rgw, rgb) = grads(lce_oracle, kept)
+        torch.testing.assert_close(out[kept] if reduction == "none" else out, ref, **F32)
+        assert torch.equal(gx[~kept], torch.zeros_like(gx[~kept]))
+        for got, want in ((gx[kept], rgx), (gw, rgw), (gb, rgb)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-6)
+        # the chunked (CPU) path of crossent.linear_cross_entropy does the same
+        import crossent
+
+        monkeypatch.setenv("CROSSENT_BACKEND", "torch")
+        _, (cgx, cgw, cgb) = grads(crossent.linear_cross_entropy, everything)
+        monkeypatch.delenv("CROSSENT_BACKEND")
+        for got, want in ((gx, cgx), (gw, cgw), (gb, cgb)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-6)
+
+
+def test_linear_cross_entropy_edge_values_like_torch():
+    """D = 0 (every logit is the bias: log V without one) and a +inf logit in a kept row
+    (log_softmax is NaN there, and so is the loss)."""
+    x = torch.randn(4, 0, device=DEVICE)
+    lin_w = torch.randn(13, 0, device=DEVICE)
+    target = torch.tensor([0, 5, -100, 12], device=DEVICE)
+    for reduction in REDUCTIONS:
+        out = ct.linear_cross_entropy(x, lin_w, target, reduction=reduction)
+        ref = lce_oracle(x, lin_w, target, reduction=reduction)
+        torch.testing.assert_close(out, ref, **F32)
+    inp, lin_w, bias, target, _ = make_lce(n=6, d=20, n_ignored=0)
+    lin_w[:, 0] = torch.linspace(-1.0, 1.0, lin_w.shape[0], device=DEVICE)
+    inp[2, 0] = float("inf")  # row 2: logits from -inf to +inf
+    for reduction in REDUCTIONS:
+        out = ct.linear_cross_entropy(inp, lin_w, target, linear_bias=bias, reduction=reduction)
+        ref = lce_oracle(inp, lin_w, target, linear_bias=bias, reduction=reduction)
+        torch.testing.assert_close(out, ref, equal_nan=True, **F32)
+        assert torch.isnan(out.reshape(-1)[2 if reduction == "none" else 0])
+
+
 # --------------------------------------------------------------------------- BCE with logits
 
 

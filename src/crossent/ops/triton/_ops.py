@@ -316,10 +316,14 @@ def loss_from_stats(
         smooth_i = (Σ_c w_c) * logsum_i - smooth_i               = -Σ_c w_c log_softmax(z)_c
         lse_i    = m_i + logsum_i
         l_i      = keep_i * [(1 - ε) nll_i + (ε / C) smooth_i + z_loss * lse_i**2]
-        'mean'   = Σ_i l_i / Σ_i keep_i w_{t_i}     (NaN when every row is ignored, as torch)
+        'mean'   = Σ_i keep_i (1 - ε) nll_i / Σ_i keep_i w_{t_i}
+                   + Σ_i keep_i [(ε / C) smooth_i + z_loss * lse_i**2] / Σ_i keep_i w_{t_i}
 
-    The z-loss term is not class-weighted but shares the mean's denominator. Working relative to
-    ``m`` is what torch's ``log_softmax`` does: no rounding of ``m + logsum`` enters the loss.
+    The z-loss term is not class-weighted but shares the mean's denominator. The two quotients
+    are torch's (``F.cross_entropy`` averages its target and smoothing terms separately): when
+    the denominator is 0 (every row ignored, or every kept target of class weight 0) the first
+    is 0/0 and the mean NaN, whatever the second holds. Working relative to ``m`` is what
+    torch's ``log_softmax`` does: no rounding of ``m + logsum`` enters the loss.
     """
     keep = target != ignore_index
     nll = logsum - target_logit
@@ -330,23 +334,31 @@ def loss_from_stats(
     else:
         target_weight = None
         loss = nll
+    extra = None  # the smoothing and z-loss terms
     if label_smoothing > 0.0:
         total_weight = class_weight.sum() if class_weight is not None else float(n_classes)
         smooth_loss = total_weight * logsum - smooth
-        loss = (1.0 - label_smoothing) * loss + (label_smoothing / n_classes) * smooth_loss
+        loss = (1.0 - label_smoothing) * loss
+        extra = (label_smoothing / n_classes) * smooth_loss
     if z_loss != 0.0:
-        loss = loss + z_loss * (shift + logsum).square()
+        z_term = z_loss * (shift + logsum).square()
+        extra = z_term if extra is None else extra + z_term
     loss = torch.where(keep, loss, 0.0)
+    if extra is not None:
+        extra = torch.where(keep, extra, 0.0)
     if reduction == "none":
-        return loss.to(out_dtype)
-    total = loss.sum()
+        return (loss if extra is None else loss + extra).to(out_dtype)
     if reduction == "sum":
+        total = loss.sum() if extra is None else loss.sum() + extra.sum()
         return total.to(out_dtype)
     if target_weight is not None:
         denominator = torch.where(keep, target_weight, 0.0).sum()
     else:
         denominator = keep.sum().to(logsum.dtype)
-    return (total / denominator).to(out_dtype)
+    mean = loss.sum() / denominator
+    if extra is not None:
+        mean = mean + extra.sum() / denominator
+    return mean.to(out_dtype)
 
 
 # --------------------------------------------------------------------------- BCE with logits

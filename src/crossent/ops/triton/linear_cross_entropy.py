@@ -8,7 +8,9 @@
 #           zeroed float32 buffers (float64 for float64 data), cast to the parameters' dtypes.
 # - assumes: logit tiles of BLOCK_N x BLOCK_V live only in registers (N x V logits never reach
 #           global memory); tl.dot accumulates in float32; 64-bit row/column offsets; rows whose
-#           target is ignore_index are skipped in the backward.
+#           target is ignore_index are skipped in the backward: they add nothing to any
+#           gradient, not even NaN from a non-finite hidden state (their input rows are never
+#           loaded into the weight-gradient products and their input-gradient rows stay 0).
 """Triton kernels for linear cross entropy (a classifier layer fused with cross entropy).
 
 The statistics are those of ``cross_entropy.py`` (see its docstring): per row the shift
@@ -284,13 +286,14 @@ def _backward_kernel(
                 tl.atomic_add(
                     grad_x_ptr + rows64[:, None] * D + d_offs[None, :],
                     part,
-                    mask=row_mask[:, None] & d_mask[None, :],
+                    mask=active[:, None] & d_mask[None, :],  # ignored rows stay 0
                     sem="relaxed",
                 )
             if NEED_GRAD_W:
+                # Ignored rows load as 0: their dz is 0, but 0 * NaN would still be NaN.
                 x_tile = tl.load(
                     x_ptr + rows64[:, None] * stride_xn + d_offs[None, :] * stride_xd,
-                    mask=row_mask[:, None] & d_mask[None, :],
+                    mask=active[:, None] & d_mask[None, :],
                     other=0.0,
                 )  # (BLOCK_N, BLOCK_D)
                 part = dot_acc(
