@@ -82,7 +82,7 @@ def test_torch_floor_is_what_the_suite_runs_on():
     floor = next(d for d in PROJECT["dependencies"] if d.startswith("torch"))
     floor_version = _version(floor)
     pins = {}
-    for name in REQUIREMENT_FILES.values():
+    for name in REQUIREMENT_FILES.values():  # each file's torch pin
         pins[name] = next(r for r in _requirements(name) if r.startswith("torch=="))
     tested = sorted(_version(pin) for pin in pins.values())
     assert tested[0][:2] == floor_version[:2], (floor, pins)
@@ -92,17 +92,26 @@ def test_torch_floor_is_what_the_suite_runs_on():
     assert running in REQUIREMENT_FILES, f"torch {torch.__version__} is not a tested version"
 
 
-def test_requirement_files_stay_in_step():
-    """The torch 2.14.1 venv installs everything the dev venv does except the torch and triton
+def _dev_rest() -> list[str]:
+    """requirements-dev.txt less its torch and triton pins, as .ci/run filters it."""
+    return [
+        r for r in _requirements("requirements-dev.txt") if not re.match(r"(torch|triton)==", r)
+    ]
+
+
+def test_torch_2_14_requirements_do_not_clash_with_the_dev_pins():
+    """The torch 2.14.1 venv gets everything the dev venv does except the torch and triton
     pins: torch 2.14.1 pins its own triton (3.8.0), which the dev pin 3.9.0 would clash with."""
-    dev, newer = (_requirements(name) for name in REQUIREMENT_FILES.values())
-
-    def rest(lines: list[str]) -> list[str]:
-        return [r for r in lines if not re.match(r"(torch|triton)\b", r)]
-
-    assert rest(dev) == rest(newer)
-    assert "torch==2.13.0" in dev and "torch==2.14.1" in newer
-    assert not any(r.startswith("triton") for r in newer)
+    newer = _requirements("requirements-torch2.14.txt")
+    assert newer == ["torch==2.14.1"]
+    assert "torch==2.13.0" in _requirements("requirements-dev.txt")
+    rest = _dev_rest()
+    assert "-e ." in rest and not any(re.match(r"(torch|triton)\b", r) for r in rest), rest
+    if _version(torch.__version__)[:2] == (2, 14):  # in that venv: torch's own triton pin
+        wanted = [r for r in importlib.metadata.requires("torch") or [] if r.startswith("triton")]
+        if wanted:
+            installed = importlib.metadata.version("triton")
+            assert any(installed in r for r in wanted), (wanted, installed)
 
 
 def test_installed_requirements_are_consistent():
@@ -117,8 +126,9 @@ def test_installed_requirements_are_consistent():
 
 def test_ci_runs_the_suite_on_both_torch_versions():
     script = (REPO / ".ci/run").read_text()
-    for venv, name in ((".venv", "requirements-dev.txt"),
-                       (".venv-torch2.14", "requirements-torch2.14.txt")):  # fmt: skip
-        assert re.search(rf"^suite {re.escape(venv)} {re.escape(name)}$", script, re.M), venv
-    assert '"$1/bin/python" -m pytest -q' in script
     assert "set -euo pipefail" in script
+    assert ".venv/bin/pip install -q -r requirements-dev.txt\n" in script
+    assert "grep -vE '^(torch|triton)==' requirements-dev.txt" in script
+    assert "-r requirements-torch2.14.txt" in script
+    for venv in (".venv", ".venv-torch2.14"):
+        assert f"\n{venv}/bin/python -m pytest -q\n" in script, venv
