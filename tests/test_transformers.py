@@ -398,6 +398,21 @@ def test_autocast_bf16_close_to_unpatched():
         torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=5e-2 * scale.item())
 
 
+def test_bfloat16_model_close_to_unpatched():
+    """bf16 weights: crossent returns the loss rounded to bf16 (then float32, as transformers'
+    loss), so the value agrees to bf16 precision; the gradients to bf16 noise."""
+    reference = _model("llama").to(torch.bfloat16)
+    patched = hf.apply(copy.deepcopy(reference))
+    inputs = {**_batch("llama"), "num_items_in_batch": torch.tensor(20)}
+    out, grads = _step(patched, **inputs)
+    ref_out, ref_grads = _step(reference, **inputs)
+    assert out.loss.dtype == ref_out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-2, atol=0)
+    for name, grad in grads.items():
+        scale = ref_grads[name].float().abs().max().item()
+        torch.testing.assert_close(grad.float(), ref_grads[name].float(), rtol=0, atol=3e-2 * scale)
+
+
 # --------------------------------------------------------------------------------------------
 # No N×V tensor.
 
