@@ -250,14 +250,41 @@ class _PaddedVocabLlama(transformers.LlamaForCausalLM):
         return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
-class _SigmoidLlama(transformers.LlamaForCausalLM):
-    """A transform crossent does not know."""
+class _TransformedLlama(transformers.LlamaForCausalLM):
+    """Llama whose forward applies ``self.logit_transform`` to the logits."""
 
     def forward(self, input_ids=None, labels=None, **kwargs):
         hidden = self.model(input_ids=input_ids).last_hidden_state
-        logits = torch.sigmoid(self.lm_head(hidden)) * 10.0
+        logits = self.logit_transform(self.lm_head(hidden))
         loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
         return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def _transformed_llama(transform):
+    torch.manual_seed(0)
+    model = _TransformedLlama(transformers.LlamaConfig(**_TEXT)).double().train()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    model.logit_transform = transform
+    return model
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda z: torch.tanh(3.0 * z / 7.0) * -2.5,  # B tanh(A z) with B < 0
+        lambda z: (z * 0.5).tanh() / 0.25 * 0.5,  # factors on both sides of the tanh
+        lambda z: z * torch.tensor(0.3, dtype=torch.float64) / 2.0,  # a 0-d tensor factor
+    ],
+    ids=["negative-cap", "both-sides", "tensor-factor"],
+)
+def test_any_scale_tanh_scale_chain_folds_exactly(transform):
+    reference = _transformed_llama(transform)
+    patched = hf.apply(copy.deepcopy(reference), chunk_size=5)
+    out, grads = _step(patched, **_batch("llama"))
+    reference.loss_function = _float64_causal_lm_loss
+    ref_out, ref_grads = _step(reference, **_batch("llama"))
+    _assert_same(out, grads, ref_out, ref_grads, TIGHT)
 
 
 def test_padded_vocabulary_trim():
@@ -277,8 +304,7 @@ def test_padded_vocabulary_trim():
 
 
 def test_strict_refuses_an_unknown_transform_naming_the_model_type():
-    torch.manual_seed(0)
-    reference = _SigmoidLlama(transformers.LlamaConfig(**_TEXT)).double().train()
+    reference = _transformed_llama(lambda z: torch.sigmoid(z) * 10.0)
     inputs = _batch("llama")
     patched = hf.apply(copy.deepcopy(reference))
     with pytest.raises(hf.UnsupportedModelError, match="'llama'.*sigmoid"):

@@ -77,6 +77,10 @@ class UnsupportedModelError(NotImplementedError):
     """The model's forward does something crossent cannot reproduce exactly without the logits."""
 
 
+class _NotFoldable(Exception):
+    """A recorded transform that linear_cross_entropy's softcap and a scale cannot express."""
+
+
 # --------------------------------------------------------------------------------------------
 # What the forward does to the logits: an ordered list of elementwise ops, folded into the
 # hidden-state scale and soft-cap that linear_cross_entropy takes.
@@ -117,10 +121,14 @@ class _Transform:
                 (post_den if seen_tanh else den).append(op[1])
         if not seen_tanh:
             return num, den, None
+        if any(isinstance(v, Tensor) and v.requires_grad for v in post_num + post_den):
+            raise _NotFoldable("a learnable factor after the tanh")  # it would become a float
         cap = _product(post_num) / _product(post_den)
-        if isinstance(cap, Tensor):
-            cap = cap.item()
-        return num + post_num, den + post_den, float(cap)
+        cap = float(cap.item() if isinstance(cap, Tensor) else cap)
+        if not (math.isfinite(cap) and cap != 0):
+            raise _NotFoldable(f"a soft-cap of {cap}")
+        # B tanh(A z) = -B tanh(-A z): the cap is |B|, the hidden-state scale A B either way.
+        return num + post_num, den + post_den, abs(cap)
 
     def replay(self, logits: Tensor) -> Tensor:
         """The ops applied to real logits, as the forward would have applied them."""
@@ -553,6 +561,10 @@ class _DeferredLogits(Tensor):
             return NotImplemented
         call = self._call
         options = call.options
+        try:
+            self._transform.fold()
+        except _NotFoldable:
+            return NotImplemented
         loss = _head_cross_entropy(
             self._hidden,
             call.head.weight,
