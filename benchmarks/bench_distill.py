@@ -162,7 +162,7 @@ def table(times: dict[str, float], mems: dict[str, float]) -> str:
         eager = "torch eager JSD" if name.endswith("JSD") else "torch eager KL"
         t, m = times[name], mems[name]
         lines.append(
-            f"| {name} | {t * 1e3:.4g} | {t / times[eager]:.2f} | "
+            f"| {name} | {t * 1e3:.0f} | {t / times[eager]:.2f} | "
             f"{t / times['floor (4 mm)']:.2f} | {m:.1f} | {m / mems[eager]:.2f} |"
         )
     return "\n".join(lines)
