@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import crossent
 from crossent.distillation import LinearDistillationLoss, linear_distillation_loss
@@ -274,6 +276,40 @@ def test_identical_heads_give_zero():
     for beta in BETAS:
         loss = linear_distillation_loss(xs, ws, xs, ws, target, beta=beta, reduction="none")
         assert loss.abs().max() < 1e-14
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 12),
+    v=st.integers(2, 20),
+    d_s=st.integers(1, 6),
+    d_t=st.integers(1, 6),
+    beta=st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]),
+    temperature=st.floats(0.25, 4.0),
+    hard=st.sampled_from([0.0, 0.5]),
+    reduction=st.sampled_from(REDUCTIONS),
+    chunk_size=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_eager(n, v, d_s, d_t, beta, temperature, hard, reduction, chunk_size,
+                                seed):  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    xs, ws = torch.randn(n, d_s, generator=gen, dtype=F64), torch.randn(v, d_s, generator=gen,
+                                                                         dtype=F64)  # fmt: skip
+    xt, wt = torch.randn(n, d_t, generator=gen, dtype=F64), torch.randn(v, d_t, generator=gen,
+                                                                         dtype=F64)  # fmt: skip
+    target = torch.randint(0, v, (n,), generator=gen)
+    target[torch.rand(n, generator=gen) < 0.3] = -100
+    ours = _leaves(xs, ws)
+    ref_leaves = _leaves(xs, ws)
+    options = dict(beta=beta, temperature=temperature, reduction=reduction)
+    loss = linear_distillation_loss(ours[0], ours[1], xt, wt, target, hard_weight=hard,
+                                    chunk_size=chunk_size, **options)  # fmt: skip
+    ref = _eager(ref_leaves[0], ref_leaves[1], None, xt, wt, None, target, hard=hard, **options)
+    torch.testing.assert_close(loss, ref, **F64_TOL)
+    g = torch.randn(loss.shape, generator=gen, dtype=F64)
+    for a, b in zip(_grads(loss, ours, g), _grads(ref, ref_leaves, g), strict=True):
+        torch.testing.assert_close(a, b, **F64_TOL)
 
 
 # --------------------------------------------------------------------------------------------
