@@ -67,6 +67,18 @@ def _on_host(t: Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def _log_softmax_(t: Tensor) -> Tensor:
+    """Row log-softmax of a (B, V) chunk, in place.
+
+    On the host torch's fused kernel runs with ``out=`` its own input (each row is reduced
+    before it is written). Accelerator kernels make no such promise, so there the result is
+    computed aside and copied back.
+    """
+    if _on_host(t):
+        return torch._log_softmax(t, 1, False, out=t)
+    return t.copy_(torch.log_softmax(t, 1))
+
+
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     """``(a * b).sum(1)`` for (B, V) chunks without a (B, V) temporary (a batched dot)."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
@@ -102,7 +114,7 @@ class _ProbTargets:
     ) -> tuple[Tensor, float]:
         n, v = z.shape
         wy = scratch[0][:n]  # (B, V): w ⊙ y'
-        torch._log_softmax(z, 1, False, out=z)  # z now holds ls = log_softmax(z)
+        _log_softmax_(z)  # z now holds ls = log_softmax(z)
         wy.copy_(self.probs[start:stop])
         if self.eps > 0:
             wy.mul_(1 - self.eps).add_(self.eps / v)
@@ -179,15 +191,15 @@ class _Distillation:
             t_col = self.target[start:stop].unsqueeze(1)
             if temp != 1.0:
                 probs_1 = scratch[-1][:n]
-                torch._log_softmax(z, 1, False, out=probs_1)
+                torch.log_softmax(z, 1, out=probs_1)
                 hard_loss = probs_1.gather(1, t_col).squeeze(1).neg_()
                 if want_grad:
                     probs_1.exp_()
         if temp != 1.0:
             z.div_(temp)
             lt.div_(temp)
-        torch._log_softmax(z, 1, False, out=z)  # z holds ls
-        torch._log_softmax(lt, 1, False, out=lt)
+        _log_softmax_(z)  # z holds ls
+        _log_softmax_(lt)
         if hard > 0 and temp == 1.0:
             hard_loss = z.gather(1, t_col).squeeze(1).neg_()
 
