@@ -269,10 +269,12 @@ def _builder(kind: str, spec, side: str) -> Callable[[], object]:
 
 def _spinner() -> subprocess.Popen:
     """Another process spinning on the last core for the duration of a contended run."""
+    # It stops by itself once its parent is gone (a killed benchmark leaves no spinner).
     code = (
         "import os\n"
         f"os.sched_setaffinity(0, {{{(os.cpu_count() or 1) - 1}}})\n"
-        "while True:\n    pass\n"
+        f"while os.getppid() == {os.getpid()}:\n"
+        "    for _ in range(1_000_000):\n        pass\n"
     )
     return subprocess.Popen([sys.executable, "-c", code])
 

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from crossent import _checks
+from crossent._backend import select_backend
 from crossent.ops import eager
 
 __all__ = [
@@ -27,10 +28,7 @@ __all__ = [
 
 
 def _backend(*tensors: Tensor | None) -> str:
-    try:
-        from crossent._backend import select_backend
-    except ImportError:  # pragma: no cover - the dispatch module ships with the package
-        return "torch"
+    """'triton' or 'torch' (see crossent._backend); CPU calls decide in a couple of µs."""
     return select_backend(*tensors)
 
 

@@ -32,11 +32,13 @@ _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 
 # Work per parallel region. Each torch op on a block is one parallel region, which ends in a
 # barrier: when another process keeps a core busy, every barrier waits for the thread that
-# shares that core. Blocks therefore give every thread this many bytes of float32 work (not a
-# fixed byte count for the whole block), so that the number of regions does not grow with the
-# thread count, while a block still fits in the last-level cache between its passes.
-_BYTES_PER_THREAD = 8 << 20
+# shares that core, so many small blocks turn into many stalls (measured at 2048×32000 on 2
+# busy cores: 1 MB blocks 1.9× torch's time, 32 MB per thread 0.6×). Blocks therefore give
+# every thread this many bytes of float32 work, capped so that the scratch block stays small
+# beside the N×C gradient; with one thread the block size barely matters (2-32 MB within 5%).
+_BYTES_PER_THREAD = 32 << 20
 _MIN_BLOCK_BYTES = 1 << 20
+_MAX_BLOCK_BYTES = 64 << 20
 
 # The blocked cross-entropy Function is used from this many classes and this many bytes of
 # logits on; below, torch's fused kernel is as fast and its N×C buffers are small (measured,
@@ -142,13 +144,14 @@ def _kept_weight_sum(keep: Tensor, w_t: Tensor | None, dtype: torch.dtype) -> Te
 def _row_blocks(logits: Tensor) -> tuple[range, int]:
     """Start offsets of blocks of rows (along dim 0) and the rows per block.
 
-    A block holds about ``_BYTES_PER_THREAD`` of float32 per thread (at least
-    ``_MIN_BLOCK_BYTES``): enough work per thread that the barrier closing each op is rare,
-    little enough that the block stays in cache from one op to the next.
+    A block holds about ``_BYTES_PER_THREAD`` of float32 per thread (within
+    ``[_MIN_BLOCK_BYTES, _MAX_BLOCK_BYTES]``): enough work per thread that the barrier closing
+    each op is rare, little enough that the scratch block stays small beside the gradient.
     """
     n = logits.shape[0]
     per_row = max(1, logits[:1].numel()) * 4
-    budget = max(_MIN_BLOCK_BYTES, torch.get_num_threads() * _BYTES_PER_THREAD)
+    budget = torch.get_num_threads() * _BYTES_PER_THREAD
+    budget = max(_MIN_BLOCK_BYTES, min(budget, _MAX_BLOCK_BYTES))
     rows = max(1, budget // per_row)
     return range(0, n, rows), rows
 
@@ -156,13 +159,18 @@ def _row_blocks(logits: Tensor) -> tuple[range, int]:
 def blocked_cross_entropy_pays(logits: Tensor) -> bool:
     """Whether :class:`CrossEntropyIndex` is used for these logits.
 
-    It is, for many classes on large enough logits, outside of autograd transforms (forward
-    AD, ``torch.func``, ``torch.compile`` take torch's kernel, which supports them all).
-    At 2048×32000 float32 it takes about 0.6× torch's time and 0.35× its peak extra memory;
-    with few classes torch's kernel is faster, and its N×C buffers are small.
+    It is, for many classes (≥ 128) on large enough logits (≥ 4 MB), outside of autograd
+    transforms (forward AD, ``torch.func``, ``torch.compile`` take torch's kernel, which
+    supports them all), except float16/bfloat16 K-dim logits. Measured on 2 cores (one
+    thread): 2048×32000 float32 0.53× torch's time, 256×128256 0.56×, (4, 150, 128, 128)
+    0.65×, 4096×1000 0.5×; bfloat16 2048×32000 0.75-0.9×, but bfloat16 (4, 150, 128, 128) 1.9×
+    (torch's K-dim kernel stays in half precision, this path computes in float32). With few
+    classes torch's kernel is faster, and its N×C buffers are small.
     """
     if logits.dim() < 2 or logits.shape[1] < _BLOCKED_MIN_CLASSES:
         return False
+    if logits.dim() > 2 and _low_precision(logits):
+        return False  # torch's half-precision K-dim kernel is about 2× faster
     if logits.numel() * logits.element_size() < _BLOCKED_MIN_BYTES:
         return False
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
