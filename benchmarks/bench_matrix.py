@@ -350,7 +350,13 @@ def _worker_main(payload: dict) -> dict:
 # The run.
 
 
-def run_matrix(quick: bool, modes: list[str], budget_s: float, log: Callable[[str], None]) -> dict:
+def run_matrix(
+    quick: bool,
+    modes: list[str],
+    budget_s: float,
+    log: Callable[[str], None],
+    checkpoint: Callable[[dict], None] = lambda results: None,
+) -> dict:
     """Every case and linear row: one fresh process for the times (both sides interleaved),
     one fresh process per side for the memory. ``quick`` (a smoke test) times everything in one
     process and measures the memory of the first case and one point of the curve only."""
@@ -383,9 +389,11 @@ def run_matrix(quick: bool, modes: list[str], budget_s: float, log: Callable[[st
             row = {"case": spec["name"], "loss": spec["loss"], "dtype": spec["dtype"]}
             row.update(times=times, memory=mem)
             results["cases"].append(row)
+            checkpoint(results)
             log(_case_line(row, modes))
         else:
             results["linear"].append({"case": spec[0], "times": times, "memory": mem})
+            checkpoint(results)
             log(
                 f"linear {spec[0]}: "
                 + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times[modes[0]].items())
@@ -397,6 +405,7 @@ def run_matrix(quick: bool, modes: list[str], budget_s: float, log: Callable[[st
             for side in ("crossent", "torch eager")
         }
         results["curve"].append({"n": n, **mem})
+        checkpoint(results)
         log(f"curve N={n}: crossent {mem['crossent']:.1f} MB, eager {mem['torch eager']:.1f} MB")
     return results
 
@@ -625,10 +634,23 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"comma-separated subset of {', '.join(MODES)} (default: all; --quick: 1 thread)",
     )
+    parser.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="write the reports from a results JSON (a finished or partial run) without measuring",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker_main(json.loads(args.worker))))
+        return 0
+    if args.from_json:
+        with open(args.from_json) as f:
+            data = json.load(f)
+        meta = data.pop("meta")
+        readme = args.readme if args.readme is not None else os.path.join(ROOT, "README.md")
+        for path in write_reports(data, meta, args.out or HERE, readme or None):
+            print(f"wrote {path}")
         return 0
     if args.modes is None:
         args.modes = "1 thread" if args.quick else ",".join(MODES)
@@ -653,7 +675,18 @@ def main(argv: list[str] | None = None) -> int:
         "modes": modes, "quick": args.quick, "command": command.strip(),
     }  # fmt: skip
     start = time.perf_counter()
-    results = run_matrix(args.quick, modes, budget, lambda s: print(s, flush=True))
+    os.makedirs(out_dir, exist_ok=True)
+    partial = os.path.join(out_dir, "results_matrix.partial.json")
+
+    def checkpoint(results: dict) -> None:
+        # A partial run can be turned into reports with --from-json.
+        meta["elapsed_s"] = time.perf_counter() - start
+        meta["load_after"] = _load_average()
+        with open(partial, "w") as f:
+            json.dump({"meta": meta, **results}, f, indent=1)
+
+    results = run_matrix(args.quick, modes, budget, lambda s: print(s, flush=True), checkpoint)
+    os.remove(partial)
     meta["elapsed_s"] = time.perf_counter() - start
     meta["load_after"] = _load_average()
     for path in write_reports(results, meta, out_dir, readme):
