@@ -796,8 +796,32 @@ def test_triton_dispatch_gets_2d_arguments_and_reshapes_none(monkeypatch):
     assert kw["z_loss"] == 0.1 and kw["reduction"] == "none" and "chunk_size" not in kw
 
 
+def test_chunk_rows_by_work_per_thread_on_the_host(monkeypatch):
+    rows = chunked.choose_chunk_rows
+    # 256 rows a thread, up to 64 MiB of scratch (524 float32 rows of 32000 classes)
+    assert rows(10**6, 32000, torch.float32, threads=1) == 256
+    assert rows(10**6, 32000, torch.float32, threads=2) == 512
+    assert rows(10**6, 32000, torch.float32, threads=64) == 512
+    assert rows(10**6, 32000, torch.float32, threads=2, softcap=True) == 256
+    assert rows(10**6, 128256, torch.float32, threads=2) == 128
+    assert rows(10**6, 32000, torch.float64, threads=2) == 256
+    assert rows(300, 32000, torch.float32, threads=2) == 300
+    assert rows(10**6, 32000, torch.float32, threads=2, chunk_size=7) == 7
+    # the host pass asks for the current thread count
+    seen = []
+    real = chunked.choose_chunk_rows
+    monkeypatch.setattr(
+        chunked, "choose_chunk_rows", lambda *a, **k: seen.append(k) or real(*a, **k)
+    )
+    x, w, _, t, _ = make(8, 3, 5)
+    with_threads = torch.get_num_threads()
+    crossent.linear_cross_entropy(x, w, t)
+    assert seen[-1]["threads"] == with_threads
+
+
 def test_chunk_rows_from_budget():
-    # 32 MiB of float32 rows of 32000 classes: 262 rows, rounded down to 256.
+    # Without a thread count (accelerators): 32 MiB of float32 rows of 32000 classes, 262
+    # rows, rounded down to 256.
     assert chunked.choose_chunk_rows(10**6, 32000, torch.float32) == 256
     assert chunked.choose_chunk_rows(10**6, 32000, torch.float32, softcap=True) == 128
     assert chunked.choose_chunk_rows(10**6, 32000, torch.float64) == 128

@@ -202,8 +202,9 @@ def linear_cross_entropy(
             values mean no smoothing, as in torch.
         z_loss: ζ >= 0, weight of the :math:`\mathrm{lse}^2` penalty.
         softcap: c > 0 to soft-cap the logits, or None.
-        chunk_size: tokens per chunk; None sizes chunks from a 32 MiB scratch budget
-            (``crossent.ops.chunked.CHUNK_BYTES``).
+        chunk_size: tokens per chunk; None sizes chunks by work per thread on the host (256
+            rows per torch thread, at most 64 MiB of scratch) and from a 32 MiB budget
+            elsewhere (``crossent.ops.chunked``).
 
     Returns:
         The loss in the input's dtype: 0-d for ``'mean'``/``'sum'``, ``target``'s shape for

@@ -43,12 +43,18 @@ import dataclasses
 import torch
 from torch import Tensor
 
-# Memory budget for the per-chunk scratch (one chunk of logits, plus the tanh derivative when
-# softcap is on), in bytes. 32 MiB holds 262 rows of a 32000-class float32 vocabulary: big
-# enough that each chunk's three matmuls run near peak (the weight is re-read once per chunk),
-# small enough to sit in a server's last-level cache and to be negligible next to the weight
-# gradient (V×D) that must exist anyway. See docs/linear.md for the measurements behind it.
+# Chunk sizes. Each chunk streams the weight (V×D) through two matmuls and the float32 weight
+# gradient through a third, whatever its number of rows B, while its matmul work grows with B:
+# B sets the arithmetic intensity of those streams. On the host it is sized by work per thread,
+# ROWS_PER_THREAD rows for each torch thread (one thread computes half as fast as two, so it
+# needs half the rows per weight pass; measured on 2 cores: 256 rows a thread run within a few
+# percent of three unchunked matmuls, 64 rows 30% slower, and a busy core or bandwidth taken by
+# other processes widens the gap), up to HOST_CHUNK_BYTES of scratch. Elsewhere (accelerators,
+# whose chunked path is a fallback) the scratch budget is CHUNK_BYTES. The scratch is one chunk
+# of logits (two with softcap); see docs/linear.md for the measurements.
 CHUNK_BYTES = 32 * 1024 * 1024
+ROWS_PER_THREAD = 256
+HOST_CHUNK_BYTES = 64 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +91,15 @@ def choose_chunk_rows(
     softcap: bool = False,
     chunk_size: int | None = None,
     budget_bytes: int = CHUNK_BYTES,
+    threads: int | None = None,
 ) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else as many as fit ``budget_bytes``.
+    """Rows per chunk: ``chunk_size`` if given, else from the work per thread or a budget.
 
     A chunk holds ``rows × n_classes`` elements of ``acc_dtype`` (twice that with softcap).
-    The result is clamped to ``[1, max(n_rows, 1)]`` and, above 16 rows, rounded down to a
-    multiple of 16 (whole SIMD/matmul register blocks).
+    With ``threads`` (host): ``ROWS_PER_THREAD × threads`` rows, at most as many as fit
+    ``HOST_CHUNK_BYTES``; without: as many as fit ``budget_bytes``. The result is clamped to
+    ``[1, max(n_rows, 1)]`` and, above 16 rows, rounded down to a multiple of 16 (whole
+    SIMD/matmul register blocks).
 
     Args:
         n_rows: number of tokens to process.
@@ -98,7 +107,8 @@ def choose_chunk_rows(
         acc_dtype: dtype of the chunk buffer.
         softcap: whether a second (tanh-derivative) buffer is needed.
         chunk_size: explicit override.
-        budget_bytes: scratch budget.
+        budget_bytes: scratch budget when ``threads`` is None.
+        threads: the number of threads the matmuls run on (host), or None.
 
     Returns:
         The number of rows per chunk (>= 1).
@@ -108,7 +118,11 @@ def choose_chunk_rows(
     else:
         elem = torch.empty((), dtype=acc_dtype).element_size()
         row_bytes = max(1, n_classes) * elem * (2 if softcap else 1)
-        rows = max(1, budget_bytes // row_bytes)
+        if threads is None:
+            rows = budget_bytes // row_bytes
+        else:
+            rows = min(ROWS_PER_THREAD * max(1, threads), HOST_CHUNK_BYTES // row_bytes)
+        rows = max(1, rows)
         if rows > 16:
             rows -= rows % 16
     return max(1, min(rows, max(n_rows, 1)))
@@ -293,7 +307,12 @@ def _chunked_pass(
         return _PassOutput(loss_rows, extra_rows, grad_x, grad_weight, grad_bias)
 
     rows_per_chunk = choose_chunk_rows(
-        m, v, acc, softcap=cap is not None and want_grads, chunk_size=cfg.chunk_size
+        m,
+        v,
+        acc,
+        softcap=cap is not None and want_grads,
+        chunk_size=cfg.chunk_size,
+        threads=torch.get_num_threads() if _on_host(x) else None,
     )
     buf = torch.empty((min(rows_per_chunk, m), v), dtype=acc, device=device)
     dcap_buf = torch.empty_like(buf) if cap is not None and want_grads else None
