@@ -84,14 +84,16 @@ def train(use_crossent: bool, steps: int, seq: int, batch: int, beta: float, tem
     student = llama(128, 2, seed=1).train()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    teacher.lm_head.weight.mul_(30.0)  # a random Llama is nearly uniform: give it opinions
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    teacher.lm_head.weight.mul_(10.0)  # a random Llama is nearly uniform: give it opinions
+    optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    # One batch of random tokens, seen every step: the student learns to imitate the teacher
+    # on it, so the loss goes down within a few steps (the point here is the memory).
     gen = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(3, VOCAB, (batch, seq), generator=gen)
+    labels = input_ids.clone()
+    labels[:, : seq // 4] = -100  # a prompt without loss
     losses = []
     for _ in range(steps):
-        input_ids = torch.randint(3, VOCAB, (batch, seq), generator=gen)
-        labels = input_ids.clone()
-        labels[:, : seq // 4] = -100  # a prompt without loss
         with torch.no_grad():
             teacher_hidden = teacher.model(input_ids).last_hidden_state  # (B, T, 256)
         student_hidden = student.model(input_ids).last_hidden_state  # (B, T, 128)
