@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 # Scratch budget of one chunk, all (B, V) buffers together: the student's logits and the
-# objective's scratch (two to four more). Four times the linear cross entropy budget, so that a
+# objective's scratch (one to four more). Four times the linear cross entropy budget, so that a
 # distillation chunk still has 256-336 rows at V=32000 float32: the weight-gradient update
 # (a (V, D) read and write per chunk) and each chunk's matmuls stay near their unchunked cost
 # (docs/distillation.md).
