@@ -299,11 +299,14 @@ def _chunked_pass(
     has_extra = want_loss and (eps > 0 or zeta > 0)
     extra_rows = torch.zeros(m, dtype=acc, device=device) if has_extra else None
     grad_x = torch.empty((m, d), dtype=acc, device=device) if want_grads and want_grad_x else None
+    # The weight gradient is written (not added) by the first chunk's matmul: no zero fill.
     grad_weight = (
-        torch.zeros((v, d), dtype=acc, device=device) if want_grads and want_grad_weight else None
+        torch.empty((v, d), dtype=acc, device=device) if want_grads and want_grad_weight else None
     )
     grad_bias = torch.zeros(v, dtype=acc, device=device) if want_grads and want_grad_bias else None
     if m == 0:
+        if grad_weight is not None:
+            grad_weight.zero_()
         return _PassOutput(loss_rows, extra_rows, grad_x, grad_weight, grad_bias)
 
     rows_per_chunk = choose_chunk_rows(
@@ -402,7 +405,7 @@ def _chunked_pass(
             if grad_x is not None:
                 torch.mm(g, weight_acc, out=grad_x[start:stop])
             if grad_weight is not None:
-                grad_weight.addmm_(g.T, x_c)
+                grad_weight.addmm_(g.T, x_c, beta=0.0 if start == 0 else 1.0)
             if grad_bias is not None:
                 grad_bias.add_(g.sum(0))
             continue
@@ -417,7 +420,8 @@ def _chunked_pass(
             if eps > 0:
                 gx.addr_(sig, smooth_dir, alpha=-eps / v)
         if grad_weight is not None:
-            grad_weight.addmm_(p.T, x_c * row_factor.unsqueeze(1))
+            scaled_x = x_c * row_factor.unsqueeze(1)
+            grad_weight.addmm_(p.T, scaled_x, beta=0.0 if start == 0 else 1.0)
             grad_weight.index_add_(0, t_c, x_c * onehot_coef.unsqueeze(1), alpha=-1)
             if eps > 0:
                 sum_sigma_x.addmv_(x_c.T, sig)
