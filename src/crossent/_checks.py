@@ -7,6 +7,7 @@ say what was wrong, what was expected and what was given.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -309,7 +310,7 @@ def check_binary_cross_entropy_with_logits(
                 ),
             )
     if target.dtype == torch.bool:
-        raise RuntimeError(
+        raise _bool_subtraction_error()(
             "Subtraction, the `-` operator, with two bool tensors is not supported. Use the `^` "
             "or `logical_xor()` operator instead. (binary_cross_entropy_with_logits needs a "
             "floating point target, got bool)"
@@ -323,6 +324,17 @@ def check_binary_cross_entropy_with_logits(
         )
     check_not_differentiable("binary_cross_entropy_with_logits", "weight", weight)
     check_not_differentiable("binary_cross_entropy_with_logits", "pos_weight", pos_weight)
+
+
+@functools.cache
+def _bool_subtraction_error() -> type[Exception]:
+    """The type torch raises for ``bool - bool``, which its BCE with logits hits for a bool
+    target: RuntimeError in torch 2.13, its subclass NotImplementedError in 2.14."""
+    try:
+        torch.ones(1, dtype=torch.bool) - torch.ones(1, dtype=torch.bool)
+    except RuntimeError as exc:
+        return type(exc)
+    return RuntimeError
 
 
 # --------------------------------------------------------------------------------------------
