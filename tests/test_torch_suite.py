@@ -163,3 +163,41 @@ def test_moduleinfo_error_inputs(info):
         with pytest.raises(err.error_type) as raised:
             module(*mi.forward_input.args, **mi.forward_input.kwargs)
         assert re.search(err.error_regex, str(raised.value)), (err.error_regex, str(raised.value))
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["default", "blocked"])
+@pytest.mark.parametrize(
+    "op",
+    [op for op in _op_infos() if op.name == "nn.functional.cross_entropy"],
+    ids=lambda op: op.name,
+)
+def test_opinfo_gradcheck_with_batched_grad(op, blocked):
+    """torch's test_fn_grad: finite differences on every float64 sample, batched gradients
+    included (gradcheck's check_batched_grad, as in torch's own suites); crossent's blocked
+    cross-entropy path forced too, whatever the size."""
+    from crossent.ops import eager
+
+    ours_fn = OPS[op.name]
+    names = ("_BLOCKED_MIN_CLASSES", "_BLOCKED_MIN_BYTES", "_BYTES_PER_THREAD", "_MIN_BLOCK_BYTES")
+    saved = {k: getattr(eager, k) for k in names}
+    if blocked:
+        for k, v in zip(names, (1, 0, 16, 16), strict=True):
+            setattr(eager, k, v)
+    try:
+        for sample in op.sample_inputs("cpu", torch.float64, requires_grad=True):
+            inputs = [sample.input, *sample.args]
+            diff = [
+                i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad
+            ]
+
+            def fn(*d, inputs=inputs, diff=diff, kwargs=sample.kwargs):
+                full = list(inputs)
+                for i, t in zip(diff, d, strict=True):
+                    full[i] = t
+                return ours_fn(*full, **kwargs)
+
+            args = tuple(inputs[i] for i in diff)
+            assert torch.autograd.gradcheck(fn, args, check_batched_grad=True), sample
+    finally:
+        for k, v in saved.items():
+            setattr(eager, k, v)
