@@ -783,3 +783,24 @@ def test_bce_with_logits_float32_input_low_precision_target_is_bitwise_torch(
         assert torch.equal(a, b)
         for u, v in zip(ga, gb, strict=True):
             assert u.dtype == v.dtype and torch.equal(u, v)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, dict(label_smoothing=0.1), dict(weight=torch.rand(5, dtype=torch.float64))]
+)
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
+def test_unbatched_input_with_1d_target_of_size_1_has_the_0d_targets_gradient(name, kwargs):
+    """torch accepts a (1,) target for (C,) input, then fails in its backward; crossent gives
+    the value and gradient of the equivalent () target."""
+    if name == "nll_loss":
+        kwargs = {k: v for k, v in kwargs.items() if k == "weight"}
+    x = torch.randn(5, dtype=torch.float64, generator=_gen(15))
+    results = []
+    for target in (torch.tensor([2]), torch.tensor(2)):
+        xx = x.clone().requires_grad_()
+        out = getattr(C, name)(xx, target, **kwargs)
+        results.append((out.detach(), torch.autograd.grad(out, xx)[0]))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    torch.testing.assert_close(
+        results[1][0], getattr(F, name)(x, torch.tensor(2), **kwargs), rtol=1e-12, atol=1e-12
+    )

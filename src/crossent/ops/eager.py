@@ -58,10 +58,19 @@ def _class_view(weight: Tensor, ndim: int) -> Tensor:
     return weight.view(1, -1, *([1] * (ndim - 2)))
 
 
-def _index_target(target: Tensor) -> Tensor:
-    """uint8 class indices as int64: torch 2.13 accepts uint8 targets in its checks but some
-    of its kernels reject them (the label-smoothing gather, the K-dim NLL); same values."""
-    return target.long() if target.dtype == torch.uint8 else target
+def _index_target(target: Tensor, logits: Tensor) -> Tensor:
+    """Class indices in the form every torch kernel takes, with the same values.
+
+    uint8 as int64: torch 2.13 accepts uint8 targets in its checks but some of its kernels
+    reject them (the label-smoothing gather, the K-dim NLL). A ``(1,)`` target of ``(C,)``
+    input as ``()``: torch accepts it, then fails in the backward (and in the forward with
+    label smoothing) on the shape.
+    """
+    if target.dtype == torch.uint8:
+        target = target.long()
+    if logits.dim() == 1 and target.dim() == 1:
+        target = target.reshape(())
+    return target
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,7 +102,11 @@ def nll_loss(
     Σ w[t_i] over kept i (NaN when that is 0 or nothing is kept); torch raises IndexError for
     a kept target outside [0, C)."""
     return torch._C._nn.nll_loss_nd(
-        log_probs, _index_target(target), weight, _REDUCTION_ENUM[reduction], ignore_index
+        log_probs,
+        _index_target(target, log_probs),
+        weight,
+        _REDUCTION_ENUM[reduction],
+        ignore_index,
     )
 
 
@@ -118,7 +131,7 @@ def cross_entropy_index_fused(
     """torch's kernel (log_softmax + NLL + smoothing term); raises IndexError for a kept
     target outside [0, C)."""
     return torch._C._nn.cross_entropy_loss(
-        logits, _index_target(target), weight, _REDUCTION_ENUM[reduction], ignore_index,
+        logits, _index_target(target, logits), weight, _REDUCTION_ENUM[reduction], ignore_index,
         label_smoothing,
     )  # fmt: skip
 
