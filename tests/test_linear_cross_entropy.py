@@ -866,3 +866,14 @@ def test_benchmark_script_quick():
     text = bench.table("t", ("torch eager", "crossent"), {"torch eager": 2.0, "crossent": 1.0},
                        {"torch eager": 4.0, "crossent": 1.0}, "torch eager")  # fmt: skip
     assert "| crossent | 1000 | 0.50 | 0.50 | 1.0 | 0.25 |" in text
+
+
+def test_linear_benchmark_script_runs():
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_linear.py"
+    spec = importlib.util.spec_from_file_location("bench_linear", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.CASES["tiny"] = dict(n=16, d=8, v=50, scale=30.0, dtype="float32")
+    times = bench.measure_times("tiny", bench.VARIANTS, repeats=1)
+    assert set(times) == set(bench.VARIANTS)
+    assert all(wall > 0 and cpu >= 0 for wall, cpu in times.values())
