@@ -180,7 +180,7 @@ def linear_distillation_loss(
         soft_weight: s >= 0, weight of the divergence.
         ignore_index: target value of masked tokens.
         reduction: ``'none' | 'mean' | 'sum'``.
-        chunk_size: tokens per chunk; None sizes chunks from a 64 MiB scratch budget
+        chunk_size: tokens per chunk; None sizes chunks from a 192 MiB scratch budget
             (``crossent.ops.soft_chunked.SOFT_CHUNK_BYTES``).
 
     Returns:
