@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import crossent
 from crossent.distillation import LinearDistillationLoss, linear_distillation_loss
@@ -217,6 +218,37 @@ def test_chunk_sizes_agree_and_shapes():
     a = linear_distillation_loss(xs, ws, xt, wt, t8, ignore_index=255, hard_weight=0.5)
     b = linear_distillation_loss(xs, ws, xt, wt, target, hard_weight=0.5)
     torch.testing.assert_close(a, b, **F64_TOL)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_never_holds_n_by_v(reduction):
+    # 256 tokens, V=40, 8-token chunks: an N×V tensor would have 10240 elements; the chunks
+    # have 320, the hidden states 2560 (N×D_T), the weight gradient 240.
+    gen = torch.Generator().manual_seed(7)
+    xs, xt = torch.randn(256, D_S, generator=gen), torch.randn(256, D_T, generator=gen)
+    ws, wt = torch.randn(V, D_S, requires_grad=True), torch.randn(V, D_T)
+    target = torch.randint(0, V, (256,), generator=gen)
+    xs.requires_grad_()
+    with _LargestTensor() as mode:
+        loss = linear_distillation_loss(xs, ws, xt, wt, target, beta=0.5, temperature=2.0,
+                                        hard_weight=0.5, reduction=reduction, chunk_size=8)  # fmt: skip
+        loss.sum().backward()
+    assert mode.numel <= 256 * D_T < 256 * V
 
 
 def test_no_grad_and_retain_graph():
