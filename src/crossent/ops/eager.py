@@ -172,18 +172,17 @@ def _row_blocks(logits: Tensor) -> tuple[range, int]:
 def blocked_cross_entropy_pays(logits: Tensor) -> bool:
     """Whether :class:`CrossEntropyIndex` is used for these logits.
 
-    It is, for many classes (≥ 128) on large enough logits (≥ 4 MB), outside of autograd
-    transforms (forward AD, ``torch.func``, ``torch.compile`` take torch's kernel, which
-    supports them all), except float16/bfloat16 K-dim logits. Measured on 2 cores (one
-    thread): 2048×32000 float32 0.53× torch's time, 256×128256 0.56×, (4, 150, 128, 128)
-    0.65×, 4096×1000 0.5×; bfloat16 2048×32000 0.75-0.9×, but bfloat16 (4, 150, 128, 128) 1.9×
-    (torch's K-dim kernel stays in half precision, this path computes in float32). With few
-    classes torch's kernel is faster, and its N×C buffers are small.
+    It is for (N, C) float32/float64 logits with many classes (≥ 128) and ≥ 4 MB, outside of
+    autograd transforms (forward AD, ``torch.func``, ``torch.compile`` take torch's kernel,
+    which supports them all). Measured on 2 shared cores (benchmarks/bench_matrix.py):
+    2048×32000 float32 0.4-0.65× torch's time in every mode, 0.34× its peak extra memory;
+    256×128256 0.6-0.75×; 4096×1000 0.45-0.9×. Not used, measured slower than torch's kernel:
+    float16/bfloat16 logits (the statistics in float32 cost a float32 scratch block and a
+    conversion pass: 1.5-2.5× at 2048×32000 with all threads), K-dim logits ((4, 150, 128, 128):
+    0.7× with one thread but 1.6-2.2× with two), and few classes.
     """
-    if logits.dim() < 2 or logits.shape[1] < _BLOCKED_MIN_CLASSES:
+    if logits.dim() != 2 or logits.shape[1] < _BLOCKED_MIN_CLASSES or _low_precision(logits):
         return False
-    if logits.dim() > 2 and _low_precision(logits):
-        return False  # torch's half-precision K-dim kernel is about 2× faster
     if logits.numel() * logits.element_size() < _BLOCKED_MIN_BYTES:
         return False
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
