@@ -5,9 +5,10 @@ For each case (a loss, a shape, a dtype, options), forward + backward:
 - **time**, crossent ÷ torch, in three modes: all threads, 1 thread, and *contended* (all
   threads while another process spins on one core, as a DataLoader worker would). One fresh
   process per case; torch and crossent interleaved round by round; median of the repeats.
-- **peak extra memory**, crossent and torch, each in its own fresh process: the RSS high-water
-  mark after the call (``VmHWM``, reset just before it) minus the RSS before it. Inputs and
-  libraries are loaded (and the call warmed up on tiny shapes) before the "before" reading;
+- **peak extra memory**, crossent and torch, each in its own fresh process (one thread, fixed
+  malloc mmap threshold): the RSS high-water mark after the call (``VmHWM``, reset just before
+  it) minus the RSS before it. Inputs and libraries are loaded (and the call warmed up on tiny
+  shapes) before the "before" reading;
   the gradients every variant must produce count in the extra.
 
 Linear cross entropy is compared with torch eager (``F.linear`` + ``F.cross_entropy``) and with
@@ -319,8 +320,28 @@ def time_worker(kind: str, spec, sides: list[str], budget_s: float, modes: list[
     return out
 
 
+def _fix_mmap_threshold(threshold: int = 128 << 10) -> None:
+    """glibc's ``mallopt(M_MMAP_THRESHOLD, 128 KiB)`` (a no-op where that is not glibc)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def memory_worker(kind: str, spec, side: str) -> dict:
-    """Peak extra resident memory of one forward + backward, in this (fresh) process."""
+    """Peak extra resident memory of one forward + backward, in this (fresh) process.
+
+    With one thread: with several, the peak varies from run to run by tens of MB (when each
+    thread's temporaries are allocated against when the others are freed), for torch and
+    crossent alike; the memory an algorithm needs does not depend on the thread count. And with
+    a fixed malloc mmap threshold (glibc's adapts to the sizes freed, which made the peak of
+    the same call vary by a whole N×C buffer between runs): every large tensor is mapped when
+    allocated and unmapped when freed, so the RSS follows the live tensors.
+    """
+    torch.set_num_threads(1)
+    _fix_mmap_threshold()
     if kind == "case":
         spec = Case(**spec)
         spec.shape = tuple(spec.shape)
@@ -356,6 +377,7 @@ def run_matrix(
     budget_s: float,
     log: Callable[[str], None],
     checkpoint: Callable[[dict], None] = lambda results: None,
+    only: list[str] | None = None,
 ) -> dict:
     """Every case and linear row: one fresh process for the times (both sides interleaved),
     one fresh process per side for the memory. ``quick`` (a smoke test) times everything in one
@@ -365,6 +387,10 @@ def run_matrix(
     curve = QUICK_CURVE if quick else FULL_CURVE
     results: dict = {"cases": [], "linear": [], "curve": []}
     lin_sides = ["crossent", "torch eager", "floor (3 mm)"]
+    if only:  # a subset of rows, by name (the curve is left out)
+        cases = [c for c in cases if any(o in c.name for o in only)]
+        linear = [spec for spec in linear if any(o in spec[0] for o in only)]
+        curve = {**curve, "ns": ()}
     jobs = [("case", asdict(c), ["torch", "crossent"]) for c in cases]
     jobs += [("linear", list(spec), lin_sides) for spec in linear]
 
@@ -565,6 +591,8 @@ def write_reports(results: dict, meta: dict, out_dir: str, readme: str | None) -
         f"{meta['date']}. Load average {meta['load_before']} before, {meta['load_after']} after "
         f"({meta['elapsed_s']:.0f} s)."
     )
+    if meta.get("rerun"):
+        header += f" Then {meta['rerun']}."
     body = [
         "Forward + backward. Time: crossent ÷ torch, median of interleaved repeats in one fresh "
         "process per case; *contended* = all threads while another process spins on one core. "
@@ -639,6 +667,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="write the reports from a results JSON (a finished or partial run) without measuring",
     )
+    parser.add_argument(
+        "--only",
+        metavar="NAMES",
+        help="measure only the rows whose name contains one of these '|'-separated strings",
+    )
+    parser.add_argument(
+        "--merge",
+        metavar="PATH",
+        help="with --only: replace those rows in this results JSON and write the reports from it",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -685,10 +723,26 @@ def main(argv: list[str] | None = None) -> int:
         with open(partial, "w") as f:
             json.dump({"meta": meta, **results}, f, indent=1)
 
-    results = run_matrix(args.quick, modes, budget, lambda s: print(s, flush=True), checkpoint)
+    only = args.only.split("|") if args.only else None
+    results = run_matrix(
+        args.quick, modes, budget, lambda s: print(s, flush=True), checkpoint, only
+    )
     os.remove(partial)
     meta["elapsed_s"] = time.perf_counter() - start
     meta["load_after"] = _load_average()
+    if args.merge:
+        with open(args.merge) as f:
+            merged = json.load(f)
+        for key in ("cases", "linear"):
+            new_rows = {row["case"]: row for row in results[key]}
+            merged[key] = [new_rows.pop(row["case"], row) for row in merged[key]]
+            merged[key] += list(new_rows.values())
+        merged["meta"]["rerun"] = (
+            f"rows matching {' | '.join(only or [])} re-measured {meta['date']}, load average "
+            f"{meta['load_before']} before, {meta['load_after']} after"
+        )
+        meta = merged.pop("meta")
+        results = merged
     for path in write_reports(results, meta, out_dir, readme):
         print(f"wrote {path}")
     return 0
