@@ -484,7 +484,7 @@ def _probs_problem(dtype=F64, shape=(N_BATCH, N_TIME), seed=5):
     return [t.to(dtype) for t in (x, w, b, probs, class_weight)]
 
 
-@pytest.mark.parametrize("entry", ["linear_probs"])
+@pytest.mark.parametrize("entry", ["crossent.linear_cross_entropy", "linear_probs"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("label_smoothing", (0.0, 0.2))
 @pytest.mark.parametrize("weighted", (False, True))

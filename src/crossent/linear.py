@@ -20,6 +20,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from crossent import _checks
 from crossent._backend import select_backend
+from crossent.linear_probs import is_probability_target, linear_cross_entropy_probs
 from crossent.ops import triton as triton_ops
 from crossent.ops.chunked import linear_cross_entropy_chunked
 
@@ -224,6 +225,21 @@ def linear_cross_entropy(
         return handle_torch_function(
             linear_cross_entropy,
             (input, linear_weight, target, linear_bias, weight),
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=weight,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            chunk_size=chunk_size,
+        )
+    if is_probability_target(input, linear_weight, target):
+        # Class probabilities, shape (..., V): the soft-target pass (crossent.linear_probs).
+        return linear_cross_entropy_probs(
             input,
             linear_weight,
             target,
