@@ -484,14 +484,11 @@ def _probs_problem(dtype=F64, shape=(N_BATCH, N_TIME), seed=5):
     return [t.to(dtype) for t in (x, w, b, probs, class_weight)]
 
 
-@pytest.mark.parametrize("entry", ["crossent.linear_cross_entropy", "linear_probs"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("label_smoothing", (0.0, 0.2))
 @pytest.mark.parametrize("weighted", (False, True))
-def test_probability_targets_match_torch(entry, reduction, label_smoothing, weighted):
-    fn = crossent.linear_cross_entropy if entry.startswith("crossent") else (
-        linear_cross_entropy_probs
-    )  # fmt: skip
+def test_probability_targets_match_torch(reduction, label_smoothing, weighted):
+    fn = crossent.linear_cross_entropy  # routes (..., V) float targets to crossent.linear_probs
     x, w, b, probs, class_weight = _probs_problem()
     class_weight = class_weight if weighted else None
     ours = _leaves(x, w, b, probs)
