@@ -548,9 +548,15 @@ def plot(results: dict, modes: list[str], path: str) -> bool:
         1, 2, figsize=(15, max(5, 0.32 * len(rows) + 1.5)), gridspec_kw={"width_ratios": [3, 2]}
     )
     height = 0.8 / len(modes)
+    x_max = 3.0  # ratios beyond are clipped and written out (noise on a shared machine)
     for i, mode in enumerate(modes):
         ys = [j + i * height for j in range(len(rows))]
-        ax1.barh(ys, [_ratio(r["times"], mode) for r in rows], height=height, label=mode)
+        ratios = [_ratio(r["times"], mode) for r in rows]
+        ax1.barh(ys, [min(v, x_max) for v in ratios], height=height, label=mode)
+        for y, v in zip(ys, ratios, strict=True):
+            if v > x_max:
+                ax1.text(x_max * 0.98, y, f"{v:.1f}×", ha="right", va="center", fontsize=6)
+    ax1.set_xlim(0, x_max)
     ax1.set_yticks([j + 0.4 - height / 2 for j in range(len(rows))])
     ax1.set_yticklabels([r["case"] for r in rows], fontsize=7)
     ax1.invert_yaxis()
@@ -593,6 +599,8 @@ def write_reports(results: dict, meta: dict, out_dir: str, readme: str | None) -
     )
     if meta.get("rerun"):
         header += f" Then {meta['rerun']}."
+    if meta.get("note"):
+        header += f" Note: {meta['note']}."
     body = [
         "Forward + backward. Time: crossent ÷ torch, median of interleaved repeats in one fresh "
         "process per case; *contended* = all threads while another process spins on one core. "
