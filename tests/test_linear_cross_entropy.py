@@ -652,7 +652,18 @@ OURS_ONLY = [
     ("z_loss string", dict(z_loss="big"), TypeError, "z_loss"),
     ("chunk_size zero", dict(chunk_size=0), ValueError, "chunk_size"),
     ("chunk_size float", dict(chunk_size=2.5), TypeError, "chunk_size"),
-    ("probability target", dict(target=torch.rand(3, 5)), NotImplementedError, "probability"),
+    (
+        "probability target with z_loss",
+        dict(target=torch.rand(3, 5), z_loss=0.1),
+        NotImplementedError,
+        "class-probability",
+    ),
+    (
+        "probability target with softcap",
+        dict(target=torch.rand(3, 5), softcap=30.0),
+        NotImplementedError,
+        "class-probability",
+    ),
     ("K-dim weight", dict(linear_weight=torch.randn(5, 2, 4)), NotImplementedError, "K-dim"),
     (
         "weight requires grad",

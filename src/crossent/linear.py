@@ -66,18 +66,6 @@ def _check_shapes(
             f"bias holds one value per class of linear_weight {tuple(linear_weight.shape)}"
         )
     expected = tuple(input.shape[:-1])
-    if (
-        target.is_floating_point()
-        and input.dim() >= 1
-        and tuple(target.shape) == (*expected, n_classes)
-    ):
-        raise NotImplementedError(
-            f"{_FN}: class-probability targets (a floating target of shape "
-            f"{(*expected, n_classes)}) are not supported by crossent.linear_cross_entropy; "
-            "expected class indices of shape input.shape[:-1] = "
-            f"{expected}. Use crossent.cross_entropy(F.linear(input, linear_weight, bias), "
-            "target) for probability targets."
-        )
     _checks.check_index_target_dtype(target)
     if input.dim() == 1:
         # Unbatched (in_features,): torch accepts a 0-d target, or a 1-D target of size 1.
@@ -194,7 +182,9 @@ def linear_cross_entropy(
         input: hidden states ``(..., D)`` (torch's function takes ``(D,)`` or ``(N, D)``).
         linear_weight: classifier weight ``(V, D)``, the input's dtype.
         target: class indices of shape ``input.shape[:-1]``, int64 or uint8, in ``[0, V)`` or
-            equal to ``ignore_index``.
+            equal to ``ignore_index``; or class probabilities of shape ``(..., V)`` (floating),
+            treated as ``cross_entropy`` treats probability targets (``'mean'`` divides by the
+            number of rows; no z-loss or soft-cap there).
         linear_bias: optional ``(V,)`` bias, the input's dtype.
         weight: optional ``(V,)`` class weight (the input's dtype, not differentiable).
         reduction: ``'none' | 'mean' | 'sum'``.
@@ -219,7 +209,8 @@ def linear_cross_entropy(
             ``z_loss < 0``, ``softcap <= 0``, ``chunk_size < 1``.
         IndexError: a kept target outside ``[0, V)`` (checked on the host for CPU tensors).
         TypeError: non-integer ``ignore_index`` or ``chunk_size``, non-numeric options.
-        NotImplementedError: integer input, class-probability targets, K-dimensional weights.
+        NotImplementedError: integer input, K-dimensional weights, z-loss or soft-cap with
+            probability targets.
     """
     if has_torch_function_variadic(input, linear_weight, target, linear_bias, weight):
         return handle_torch_function(
