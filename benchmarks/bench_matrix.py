@@ -159,6 +159,14 @@ FULL_LINEAR = [
     ("N=512 D=256 V=32000, scale-30 logits", 512, 256, 32000, "float32", 30.0),
 ]
 QUICK_LINEAR = [("N=64 D=32 V=500", 64, 32, 500, "float32", 1.0)]
+# Linear distillation (student head against a teacher head; bench_distill.py's variants):
+# (name, divergence, N, D_s, D_t, V). Its "floor" is four matmuls: the teacher's logits and the
+# student's three.
+FULL_DISTILL = [
+    ("distillation KL, N=2048 D_s=512 D_t=1024 V=32000", "KL", 2048, 512, 1024, 32000),
+    ("distillation JSD β=0.5, N=2048 D_s=512 D_t=1024 V=32000", "JSD", 2048, 512, 1024, 32000),
+]
+QUICK_DISTILL = [("distillation KL, N=32 D_s=8 D_t=16 V=50", "KL", 32, 8, 16, 50)]
 FULL_CURVE = {"d": 512, "v": 32000, "ns": (256, 512, 1024, 2048, 4096, 8192)}
 QUICK_CURVE = {"d": 32, "v": 500, "ns": (64,)}
 
@@ -248,10 +256,25 @@ def build_linear(spec: list, side: str) -> Callable[[], object]:
     return run
 
 
+def build_distill(spec: list, side: str) -> Callable[[], object]:
+    """The distillation variants of ``bench_distill.py`` under the linear rows' side names."""
+    import bench_distill
+
+    _, divergence, n, ds, dt, v = spec
+    name = {
+        "crossent": f"crossent {divergence}",
+        "torch eager": f"torch eager {divergence}",
+        "floor (3 mm)": "floor (4 mm)",
+    }[side]
+    return bench_distill.build(name, n, ds, dt, v)
+
+
 def _tiny(kind: str, spec) -> object:
     """The same call on tiny shapes (warms libraries and lazy imports before measuring)."""
     if kind == "linear":
         return [spec[0], 4, 8, 16, spec[4], spec[5]]
+    if kind == "distill":
+        return [spec[0], spec[1], 4, 8, 8, 16]
     small = dict(asdict(spec))
     shape = list(spec.shape)
     small["shape"] = tuple([2, min(shape[1], 3000)] + [2] * (len(shape) - 2))
@@ -261,6 +284,8 @@ def _tiny(kind: str, spec) -> object:
 
 
 def _builder(kind: str, spec, side: str) -> Callable[[], object]:
+    if kind == "distill":
+        return build_distill(spec, side)
     return build_linear(spec, side) if kind == "linear" else build(spec, side)
 
 
@@ -384,15 +409,18 @@ def run_matrix(
     process and measures the memory of the first case and one point of the curve only."""
     cases = QUICK_CASES if quick else FULL_CASES
     linear = QUICK_LINEAR if quick else FULL_LINEAR
+    distill = QUICK_DISTILL if quick else FULL_DISTILL
     curve = QUICK_CURVE if quick else FULL_CURVE
     results: dict = {"cases": [], "linear": [], "curve": []}
     lin_sides = ["crossent", "torch eager", "floor (3 mm)"]
     if only:  # a subset of rows, by name (the curve is left out)
         cases = [c for c in cases if any(o in c.name for o in only)]
         linear = [spec for spec in linear if any(o in spec[0] for o in only)]
+        distill = [spec for spec in distill if any(o in spec[0] for o in only)]
         curve = {**curve, "ns": ()}
     jobs = [("case", asdict(c), ["torch", "crossent"]) for c in cases]
     jobs += [("linear", list(spec), lin_sides) for spec in linear]
+    jobs += [("distill", list(spec), lin_sides) for spec in distill]
 
     def time_job(batch: list) -> list[dict]:
         payload = [
@@ -409,7 +437,7 @@ def run_matrix(
             side: _spawn(dict(job="memory", kind=kind, spec=spec, side=side))["extra_mb"]
             if measure
             else None
-            for side in (sides[:2] if kind == "linear" else sides)
+            for side in (sides if kind == "case" else sides[:2])
         }
         if kind == "case":
             row = {"case": spec["name"], "loss": spec["loss"], "dtype": spec["dtype"]}
@@ -421,7 +449,7 @@ def run_matrix(
             results["linear"].append({"case": spec[0], "times": times, "memory": mem})
             checkpoint(results)
             log(
-                f"linear {spec[0]}: "
+                f"{kind} {spec[0]}: "
                 + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times[modes[0]].items())
             )
     for n in curve["ns"]:
@@ -609,7 +637,8 @@ def write_reports(results: dict, meta: dict, out_dir: str, readme: str | None) -
         case_table(results, modes),
         "",
         "Linear cross entropy (crossent vs torch eager `F.linear` + `F.cross_entropy` vs the "
-        "three-matmul floor):",
+        "three-matmul floor) and linear distillation (crossent vs torch eager: both logits, "
+        "`log_softmax`, `kl_div` or TRL's generalized JSD; its floor is four matmuls):",
         "",
         linear_table(results, modes),
         "",
