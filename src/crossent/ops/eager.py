@@ -51,13 +51,6 @@ def _low_precision(t: Tensor) -> bool:
     return t.dtype in (torch.float16, torch.bfloat16)
 
 
-def _class_view(weight: Tensor, ndim: int) -> Tensor:
-    """Shape a (C,) class weight to broadcast along dim 1 of an (N, C, d1, ...) tensor."""
-    if ndim <= 1:
-        return weight
-    return weight.view(1, -1, *([1] * (ndim - 2)))
-
-
 def _index_target(target: Tensor, logits: Tensor) -> Tensor:
     """Class indices in the form every torch kernel takes, with the same values.
 
@@ -203,14 +196,15 @@ def _is_batched(t: Tensor) -> bool:
 
 
 class CrossEntropyIndex(torch.autograd.Function):
-    """Cross entropy on (N, C, d1, ...) logits and (N, d1, ...) class indices.
+    """Cross entropy on (N, C) float32/float64 logits and (N,) class indices (the logits
+    :func:`blocked_cross_entropy_pays` admits; others take torch's kernel).
 
     Forward runs torch's fused log-softmax on one cache-sized block of rows at a time into a
     reused scratch buffer and keeps only what the loss needs (the target's log-probability and,
     with smoothing, the weighted row sum): no N×C tensor survives the forward. Backward
     recomputes the softmax block by block straight into the gradient it returns, then scales it
-    and subtracts the one-hot term in place, while the block is still in cache. Statistics are
-    float32 for float16/bfloat16 logits. With ``create_graph=True``, or under a functorch
+    and subtracts the one-hot term in place, while the block is still in cache, in the logits'
+    dtype. With ``create_graph=True``, or under a functorch
     transform (batched gradients: ``autograd.grad(..., is_grads_batched=True)``), the backward
     switches to out-of-place differentiable ops, so double backward and vmap over the backward
     are exact.
@@ -226,39 +220,31 @@ class CrossEntropyIndex(torch.autograd.Function):
         reduction: str,
     ) -> tuple[Tensor, Tensor]:
         safe, keep = _safe_target(target, ignore_index)
-        stat_dtype = torch.float32 if _low_precision(logits) else logits.dtype
-        w_stat = None if weight is None else weight.to(stat_dtype)
-        picked = torch.empty(safe.shape, dtype=stat_dtype, device=logits.device)  # lp[i, t_i]
+        picked = logits.new_empty(safe.shape)  # lp[i, t_i]
         # smooth_i = Σ_c w_c·lp[i, c]
         smooth = torch.empty_like(picked) if label_smoothing > 0.0 else None
         starts, rows = _row_blocks(logits)
-        scratch = logits.new_empty(
-            (min(rows, logits.shape[0]), *logits.shape[1:]), dtype=stat_dtype
-        )
+        scratch = logits.new_empty((min(rows, logits.shape[0]), logits.shape[1]))
         for start in starts:
             stop = start + rows
             block = logits[start:stop]
             log_probs = scratch[: block.shape[0]]
-            torch.log_softmax(block, 1, dtype=stat_dtype, out=log_probs)
+            torch.log_softmax(block, 1, out=log_probs)
             torch.gather(log_probs, 1, safe[start:stop].unsqueeze(1), out=picked[start:stop, None])
             if smooth is not None:
-                if w_stat is None:
+                if weight is None:
                     torch.sum(log_probs, 1, out=smooth[start:stop])
-                elif log_probs.dim() == 2:
-                    torch.mv(log_probs, w_stat, out=smooth[start:stop])
                 else:
-                    torch.sum(
-                        log_probs * _class_view(w_stat, log_probs.dim()), 1, out=smooth[start:stop]
-                    )
-        w_t = None if w_stat is None else w_stat[safe]
+                    torch.mv(log_probs, weight, out=smooth[start:stop])
+        w_t = None if weight is None else weight[safe]
         nll = torch.where(keep, -picked if w_t is None else -(w_t * picked), 0.0)
-        denom = _kept_weight_sum(keep, w_t, stat_dtype)
+        denom = _kept_weight_sum(keep, w_t, logits.dtype)
         eps = label_smoothing
         if reduction == "none":
             out = nll
             if smooth is not None:
                 out = (1 - eps) * nll + (eps / logits.shape[1]) * torch.where(keep, -smooth, 0.0)
-            return out.to(logits.dtype), denom
+            return out, denom
         # 'sum' and 'mean' reduce each term on its own and then combine them, in torch's
         # order: with every kept target of class weight 0 the 'mean' is 0/0 + x/0 = NaN.
         out = nll.sum()
@@ -269,7 +255,7 @@ class CrossEntropyIndex(torch.autograd.Function):
             if reduction == "mean":
                 smooth_sum = smooth_sum / denom
             out = (1 - eps) * out + (eps / logits.shape[1]) * smooth_sum
-        return out.to(logits.dtype), denom
+        return out, denom
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -289,16 +275,14 @@ class CrossEntropyIndex(torch.autograd.Function):
         eps, reduction = ctx.label_smoothing, ctx.reduction
         n_classes = logits.shape[1]
         safe, keep = _safe_target(target, ctx.ignore_index)
-        stat_dtype = denom.dtype
-        # Per-row upstream gradient (N, d...), zero (not multiplied) on ignored rows so that an
+        # Per-row upstream gradient (N,), zero (not multiplied) on ignored rows so that an
         # all-ignored mean (denominator 0) gives zero gradients rather than 0·inf.
-        g = grad_output.to(stat_dtype)
+        g = grad_output
         if reduction == "mean":
             g = g / denom
         g = torch.where(keep, g.expand(keep.shape), 0.0)
-        w_stat = None if weight is None else weight.to(stat_dtype)
-        w_t = torch.ones_like(g) if w_stat is None else w_stat[safe]
-        total_w = float(n_classes) if w_stat is None else w_stat.sum()
+        w_t = torch.ones_like(g) if weight is None else weight[safe]
+        total_w = float(n_classes) if weight is None else weight.sum()
         # d l_i / d x_ij = (1-ε)·w_t·(p_j - [j = t]) + (ε/C)·(p_j·W - w_j)
         p_coef = (g * ((1 - eps) * w_t + (eps / n_classes) * total_w)).unsqueeze(1)  # times p_j
         t_coef = (-(g * (1 - eps) * w_t)).unsqueeze(1)  # added at j = t
@@ -308,38 +292,25 @@ class CrossEntropyIndex(torch.autograd.Function):
         # create_graph, or vmap over this backward (batched gradients: grad_output carries a
         # batch dimension that the unbatched buffers below could not hold): out of place.
         if torch.is_grad_enabled() or _is_batched(grad_output):
-            x = logits.to(stat_dtype)
-            grad = torch.softmax(x, 1) * p_coef
+            grad = torch.softmax(logits, 1) * p_coef
             grad = grad.scatter_add(1, index, t_coef)
             if eps > 0.0:
-                w_row = 1.0 if w_stat is None else _class_view(w_stat, x.dim())
-                grad = grad - w_row * w_coef
-            return grad.to(logits.dtype), None, None, None, None, None
+                grad = grad - (1.0 if weight is None else weight) * w_coef
+            return grad, None, None, None, None, None
 
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         starts, rows = _row_blocks(logits)
-        scratch = None
-        if grad.dtype != stat_dtype:
-            scratch = logits.new_empty(
-                (min(rows, logits.shape[0]), *logits.shape[1:]), dtype=stat_dtype
-            )
         for start in starts:
             stop = start + rows
-            block = logits[start:stop]
-            out = grad[start:stop]
-            work = out if scratch is None else scratch[: block.shape[0]]
-            torch.softmax(block, 1, dtype=stat_dtype, out=work)
+            work = grad[start:stop]
+            torch.softmax(logits[start:stop], 1, out=work)
             work.mul_(p_coef[start:stop])
             work.scatter_add_(1, index[start:stop], t_coef[start:stop])
             if eps > 0.0:
-                if w_stat is None:
+                if weight is None:
                     work.sub_(w_coef[start:stop])
-                elif work.dim() == 2:
-                    work.addr_(w_coef[start:stop].squeeze(1), w_stat, alpha=-1)
                 else:
-                    work.sub_(w_coef[start:stop] * _class_view(w_stat, work.dim()))
-            if scratch is not None:
-                out.copy_(work)
+                    work.addr_(w_coef[start:stop].squeeze(1), weight, alpha=-1)
         return grad, None, None, None, None, None
 
 
@@ -351,7 +322,7 @@ def cross_entropy_index_blocked(
     label_smoothing: float,
     reduction: str,
 ) -> Tensor:
-    """Index-target cross entropy through :class:`CrossEntropyIndex` ((N, C, ...) logits)."""
+    """Index-target cross entropy through :class:`CrossEntropyIndex` ((N, C) logits)."""
     loss, _ = CrossEntropyIndex.apply(
         logits, target, weight, ignore_index, label_smoothing, reduction
     )
