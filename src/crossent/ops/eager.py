@@ -28,27 +28,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from crossent.ops import _budget, _stats
+
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 
-# Work per parallel region. Each torch op on a block is one parallel region, which ends in a
-# barrier: when another process keeps a core busy, every barrier waits for the thread that
-# shares that core, so many small blocks turn into many stalls (measured at 2048×32000 on 2
-# busy cores: 1 MB blocks 1.9× torch's time, 32 MB per thread 0.6×). Blocks therefore give
-# every thread this many bytes of float32 work, capped so that the scratch block stays small
-# beside the N×C gradient; with one thread the block size barely matters (2-32 MB within 5%).
-_BYTES_PER_THREAD = 32 << 20
-_MIN_BLOCK_BYTES = 1 << 20
-_MAX_BLOCK_BYTES = 64 << 20
+# Block budgets (see crossent.ops._budget); read at each call, so that tests can shrink them.
+_BYTES_PER_THREAD = _budget.BLOCK_BYTES_PER_THREAD
+_MIN_BLOCK_BYTES = _budget.BLOCK_MIN_BYTES
+_MAX_BLOCK_BYTES = _budget.BLOCK_MAX_BYTES
 
 # The blocked cross-entropy Function is used from this many classes and this many bytes of
 # logits on; below, torch's fused kernel is as fast and its N×C buffers are small (measured,
 # see blocked_cross_entropy_pays).
 _BLOCKED_MIN_CLASSES = 128
 _BLOCKED_MIN_BYTES = 4 << 20
-
-
-def _low_precision(t: Tensor) -> bool:
-    return t.dtype in (torch.float16, torch.bfloat16)
 
 
 def _index_target(target: Tensor, logits: Tensor) -> Tensor:
@@ -140,13 +133,6 @@ def _safe_target(target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     return torch.where(keep, t, 0), keep
 
 
-def _kept_weight_sum(keep: Tensor, w_t: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """Σ w[t_i] over kept rows (their count without a weight): the 'mean' denominator."""
-    if w_t is None:
-        return keep.sum().to(dtype)
-    return torch.where(keep, w_t, 0.0).sum()
-
-
 def _row_blocks(logits: Tensor) -> tuple[range, int]:
     """Start offsets of blocks of rows (along dim 0) and the rows per block.
 
@@ -154,12 +140,14 @@ def _row_blocks(logits: Tensor) -> tuple[range, int]:
     ``[_MIN_BLOCK_BYTES, _MAX_BLOCK_BYTES]``): enough work per thread that the barrier closing
     each op is rare, little enough that the scratch block stays small beside the gradient.
     """
-    n = logits.shape[0]
-    per_row = max(1, logits[:1].numel()) * 4
-    budget = torch.get_num_threads() * _BYTES_PER_THREAD
-    budget = max(_MIN_BLOCK_BYTES, min(budget, _MAX_BLOCK_BYTES))
-    rows = max(1, budget // per_row)
-    return range(0, n, rows), rows
+    rows = _budget.block_rows(
+        max(1, logits[:1].numel()) * 4,
+        torch.get_num_threads(),
+        per_thread=_BYTES_PER_THREAD,
+        min_bytes=_MIN_BLOCK_BYTES,
+        max_bytes=_MAX_BLOCK_BYTES,
+    )
+    return range(0, logits.shape[0], rows), rows
 
 
 def blocked_cross_entropy_pays(logits: Tensor) -> bool:
@@ -174,7 +162,11 @@ def blocked_cross_entropy_pays(logits: Tensor) -> bool:
     conversion pass: 1.5-2.5× at 2048×32000 with all threads), K-dim logits ((4, 150, 128, 128):
     0.7× with one thread but 1.6-2.2× with two), and few classes.
     """
-    if logits.dim() != 2 or logits.shape[1] < _BLOCKED_MIN_CLASSES or _low_precision(logits):
+    if (
+        logits.dim() != 2
+        or logits.shape[1] < _BLOCKED_MIN_CLASSES
+        or _stats.is_low_precision(logits.dtype)
+    ):
         return False
     if logits.numel() * logits.element_size() < _BLOCKED_MIN_BYTES:
         return False
@@ -236,26 +228,14 @@ class CrossEntropyIndex(torch.autograd.Function):
                     torch.sum(log_probs, 1, out=smooth[start:stop])
                 else:
                     torch.mv(log_probs, weight, out=smooth[start:stop])
-        w_t = None if weight is None else weight[safe]
-        nll = torch.where(keep, -picked if w_t is None else -(w_t * picked), 0.0)
-        denom = _kept_weight_sum(keep, w_t, logits.dtype)
-        eps = label_smoothing
-        if reduction == "none":
-            out = nll
-            if smooth is not None:
-                out = (1 - eps) * nll + (eps / logits.shape[1]) * torch.where(keep, -smooth, 0.0)
-            return out, denom
-        # 'sum' and 'mean' reduce each term on its own and then combine them, in torch's
-        # order: with every kept target of class weight 0 the 'mean' is 0/0 + x/0 = NaN.
-        out = nll.sum()
-        if reduction == "mean":
-            out = out / denom
-        if smooth is not None:
-            smooth_sum = torch.where(keep, -smooth, 0.0).sum()
-            if reduction == "mean":
-                smooth_sum = smooth_sum / denom
-            out = (1 - eps) * out + (eps / logits.shape[1]) * smooth_sum
-        return out, denom
+        # The statistics relative to m = lse (log-sum 0): nll = -lp_t, smooth_nll = -smooth.
+        w_t = _stats.target_weight(weight, safe)
+        main, extra = _stats.row_loss(
+            -picked, None if smooth is None else -smooth, None, w_t, keep,
+            n_classes=logits.shape[1], label_smoothing=label_smoothing, z_loss=0.0,
+        )  # fmt: skip
+        denom = _stats.mean_denominator(keep, w_t, n_rows=keep.shape[0], dtype=logits.dtype)
+        return _stats.reduce_loss(main, extra, reduction, denom), denom
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -275,17 +255,16 @@ class CrossEntropyIndex(torch.autograd.Function):
         eps, reduction = ctx.label_smoothing, ctx.reduction
         n_classes = logits.shape[1]
         safe, keep = _safe_target(target, ctx.ignore_index)
-        # Per-row upstream gradient (N,), zero (not multiplied) on ignored rows so that an
-        # all-ignored mean (denominator 0) gives zero gradients rather than 0·inf.
-        g = grad_output
-        if reduction == "mean":
-            g = g / denom
-        g = torch.where(keep, g.expand(keep.shape), 0.0)
-        w_t = torch.ones_like(g) if weight is None else weight[safe]
-        total_w = float(n_classes) if weight is None else weight.sum()
-        # d l_i / d x_ij = (1-ε)·w_t·(p_j - [j = t]) + (ε/C)·(p_j·W - w_j)
-        p_coef = (g * ((1 - eps) * w_t + (eps / n_classes) * total_w)).unsqueeze(1)  # times p_j
-        t_coef = (-(g * (1 - eps) * w_t)).unsqueeze(1)  # added at j = t
+        g = _stats.row_scale(
+            grad_output, reduction=reduction, denominator=denom, keep=keep, n_rows=keep.shape[0]
+        )
+        # d l_i / d x_ij = a_i·p_j - (1-ε)·w_t·[j = t] - (ε/C)·w_j  (see crossent.ops._stats)
+        p_coef, t_coef = _stats.grad_coefficients(
+            g, _stats.target_weight(weight, safe), _stats.total_weight(weight, n_classes), None,
+            n_classes=n_classes, label_smoothing=eps, z_loss=0.0,
+        )  # fmt: skip
+        p_coef = p_coef.unsqueeze(1)  # times p_j
+        t_coef = (-t_coef).unsqueeze(1)  # added at j = t
         w_coef = (g * (eps / n_classes)).unsqueeze(1)  # times -w_j (only with smoothing)
         index = safe.unsqueeze(1)
 
