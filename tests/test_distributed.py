@@ -19,6 +19,7 @@ import queue
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -153,17 +154,21 @@ def _run_linear(rank: int, world: int, case: dict) -> dict:
     x = p["input"].clone().requires_grad_()
     w_shard = p["classifier"][lo:hi].clone().requires_grad_()
     b_shard = p["bias"][lo:hi].clone().requires_grad_() if case.get("bias") else None
-    loss = vocab_parallel_linear_cross_entropy(
-        x,
-        w_shard,
-        p["target"],
-        linear_bias_shard=b_shard,
-        weight=p["weight"],
-        z_loss=case.get("z_loss", 0.0),
-        chunk_size=case.get("chunk_size"),
-        check_inputs=case.get("check_inputs", True),
-        **_options(case),
-    )
+    # The classifier shard by keyword: its name, or the deprecated one (``old_keyword``).
+    shard = {"weight_shard" if case.get("old_keyword") else "linear_weight_shard": w_shard}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = vocab_parallel_linear_cross_entropy(
+            x,
+            target=p["target"],
+            **shard,
+            linear_bias_shard=b_shard,
+            weight=p["weight"],
+            z_loss=case.get("z_loss", 0.0),
+            chunk_size=case.get("chunk_size"),
+            check_inputs=case.get("check_inputs", True),
+            **_options(case),
+        )
     _backward(loss, p["upstream"])
     x_ref = p["input"].to(torch.float64).requires_grad_()
     w_ref = p["classifier"].to(torch.float64).requires_grad_()
@@ -180,6 +185,7 @@ def _run_linear(rank: int, world: int, case: dict) -> dict:
         "ref_grad_input": x_ref.grad.tolist(),
         "grad_weight": w_shard.grad.double().tolist(),
         "ref_grad_weight": w_ref.grad[lo:hi].tolist(),
+        "warnings": [f"{w.category.__name__}: {w.message}" for w in caught],
     }
     if b_shard is not None:
         out["grad_bias"] = b_shard.grad.double().tolist()
@@ -213,7 +219,7 @@ def _run_bad(rank: int, world: int, case: dict) -> dict:
     failure = None
     if case["fn"] == "linear":
         tensors["input"] = p["input"]
-        tensors["weight_shard"] = p["classifier"][lo:hi].clone()
+        tensors["linear_weight_shard"] = p["classifier"][lo:hi].clone()
     else:
         tensors["logits_shard"] = p["logits"][..., lo:hi].clone()
     for key, value in case["breaks"].get(str(rank), {}).items():
@@ -224,7 +230,7 @@ def _run_bad(rank: int, world: int, case: dict) -> dict:
             tensors[name] = torch.cat([tensors[name], tensors[name][:1]])
             tensors["target"] = torch.cat([tensors["target"], tensors["target"][:1]])
         elif key == "dtype":  # the class weight follows, so only the ranks disagree
-            for name in ("logits_shard", "input", "weight_shard"):
+            for name in ("logits_shard", "input", "linear_weight_shard"):
                 if name in tensors:
                     tensors[name] = tensors[name].to(getattr(torch, value))
             kwargs["weight"] = kwargs["weight"].to(getattr(torch, value))
@@ -249,9 +255,11 @@ def _run_bad(rank: int, world: int, case: dict) -> dict:
         if case["fn"] == "linear"
         else (vocab_parallel_cross_entropy)
     )
-    import crossent.distributed
+    import crossent._checks.distributed
 
-    injected = mock.patch.object(crossent.distributed, "_check_class_weight", side_effect=failure)
+    injected = mock.patch.object(
+        crossent._checks.distributed, "check_class_weight", side_effect=failure
+    )
     try:
         with injected if failure is not None else contextlib.nullcontext():
             fn(**tensors, **kwargs)
@@ -500,6 +508,40 @@ def test_linear_cross_entropy_grid(pools, world):
         _check_linear(pool.run(case), case)
 
 
+def test_linear_old_weight_shard_keyword_warns(pools):
+    """``weight_shard=`` (the classifier shard's old name) still works, with a FutureWarning
+    naming ``linear_weight_shard``; the new name warns of nothing."""
+    case = {"kind": "linear", "sizes": [3, 4], "shape": [5], "seed": 3, "hidden": 4, "bias": True,
+            "weighted": True, "label_smoothing": 0.1}  # fmt: skip
+    for old in (True, False):
+        results = pools(2).run({**case, "old_keyword": old})
+        _check_linear(results, case)
+        for res in results:
+            future = [w for w in res["warnings"] if w.startswith("FutureWarning")]
+            if old:
+                assert len(future) == 1 and "'linear_weight_shard'" in future[0], res["warnings"]
+            else:
+                assert not future, future
+
+
+def test_option_checks_name_the_function_called():
+    """The local option checks name the public function they were called from."""
+    from crossent._checks.distributed import check_options
+
+    for fn in ("vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"):
+        args = dict(reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                    chunk_size=None)  # fmt: skip
+        bad_args = [
+            ({"z_loss": -1.0}, ValueError),
+            ({"chunk_size": 0}, ValueError),
+            ({"ignore_index": 1.5}, TypeError),
+            ({"label_smoothing": None}, TypeError),
+        ]
+        for bad, exc in bad_args:
+            with pytest.raises(exc, match=rf"^{fn}\W"):
+                check_options(fn, **{**args, **bad})
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -606,6 +648,16 @@ BAD = [
      "requires_grad"),
     ("target-shape", "ce", {"0": {"target_shape": True}}, "ValueError", "shape"),
     ("negative-z-loss", "ce", {"1": {"z_loss": -1.0}}, "ValueError", "z_loss"),
+    ("linear-negative-z-loss", "linear", {"1": {"z_loss": -1.0}}, "ValueError",
+     "vocab_parallel_linear_cross_entropy: z_loss"),
+    ("linear-chunk-size", "linear", {"0": {"chunk_size": 0}}, "ValueError",
+     "vocab_parallel_linear_cross_entropy: chunk_size"),
+    ("linear-ignore-index-not-int", "linear", {"1": {"ignore_index": None}}, "TypeError",
+     "vocab_parallel_linear_cross_entropy(): argument 'ignore_index'"),
+    ("linear-label-smoothing-not-float", "linear", {"0": {"label_smoothing": "0.1"}},
+     "TypeError", "vocab_parallel_linear_cross_entropy: label_smoothing"),
+    ("linear-weight-requires-grad", "linear", {"1": {"weight_requires_grad": True}},
+     "RuntimeError", "'vocab_parallel_linear_cross_entropy' is not differentiable"),
     ("linear-target-out-of-range", "linear",
      {"0": {"target_value": [0, 70]}, "1": {"target_value": [0, 70]}},
      "IndexError", "Target 70 is out of bounds"),
