@@ -416,6 +416,55 @@ def test_explain_max_rows_truncates_display_not_total(capsys):
     assert close(printed_loss(out), F.cross_entropy(torch.tensor(x), torch.tensor(t)))
 
 
+EXPLAIN_EXAMPLES = {
+    "bce": ["--input", "0.3,0.9", "--target", "0,1"],
+    "bce-logits": ["--input", "-1,2", "--target", "1,0"],
+    "ce": ["--input", "1,2,3;0,1,0", "--target", "2,0"],
+    "nll": ["--input", "-1,-2;-3,-0.1", "--target", "0,1"],
+}
+
+
+def test_every_registered_loss_carries_its_explanation(capsys):
+    from crossent.cli._losses import LOSSES, LossSpec
+
+    assert set(LOSSES) == set(EXPLAIN_EXAMPLES) == set(FUNCTIONS)
+    for command, spec in LOSSES.items():
+        assert callable(spec.explain), command
+        data = run_json(["loss", command, *EXPLAIN_EXAMPLES[command], "--explain"], capsys)
+        assert data["explain"]["steps"], command
+        assert close(data["explain"]["total"], data["loss"]), command
+    # A loss cannot be registered without its explanation.
+    with pytest.raises(TypeError, match="explain"):
+        LossSpec("focal", "focal_loss", "focal loss", "logits", "targets", "weight", ())
+
+
+def test_explain_raises_for_an_unregistered_loss():
+    import dataclasses
+
+    from crossent.cli._explain import explain
+    from crossent.cli._losses import LOSSES, Problem
+
+    def problem(spec):
+        return Problem(
+            spec=spec,
+            input=np.log([[0.5, 0.5], [0.25, 0.75]]),
+            target=np.array([0, 1]),
+            weight=None,
+            pos_weight=None,
+            ignore_index=-100,
+            label_smoothing=0.0,
+            reduction="mean",
+            dtype=np.dtype(np.float64),
+        )
+
+    explained = explain(problem(LOSSES["nll"]))
+    assert close(explained.total, -np.log(0.5 * 0.75) / 2)
+    # An unknown loss is never explained as another one (as NLL, say): it raises.
+    focal = dataclasses.replace(LOSSES["nll"], command="focal", function="focal_loss")
+    with pytest.raises(ValueError, match="no explanation for loss 'focal'"):
+        explain(problem(focal))
+
+
 def test_negative_values_need_no_equals_sign(capsys):
     out = run_ok(["loss", "bce-logits", "--input", "-0.231,1.423", "--target", "1,0"], capsys)
     want = F.binary_cross_entropy_with_logits(

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from crossent.cli._explain import Explanation, explain_bce, explain_bce_logits
+from crossent.cli._explain_classes import explain_cross_entropy, explain_nll
 from crossent.cli._values import UsageError, is_integral, read_values
 
 __all__ = ["LOSSES", "LossError", "LossSpec", "Outcome", "Problem", "build_problem"]
@@ -28,7 +30,11 @@ class LossError(Exception):
 
 @dataclass(frozen=True)
 class LossSpec:
-    """One ``crossent loss`` subcommand."""
+    """One ``crossent loss`` subcommand.
+
+    A loss is registered here with everything the CLI shows of it, its step-by-step
+    explanation included: a spec cannot be built without one (``explain`` has no default).
+    """
 
     command: str  # subcommand name, e.g. "bce-logits"
     function: str  # name in crossent.functional / torch.nn.functional / crossent.reference
@@ -37,6 +43,7 @@ class LossSpec:
     target_help: str
     weight_help: str
     options: tuple[str, ...]  # the extra keyword arguments it takes
+    explain: Callable[[Problem, int], Explanation]  # --explain: (problem, max_rows) -> steps
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -50,6 +57,7 @@ LOSSES: dict[str, LossSpec] = {
             "targets in [0, 1], the input's shape",
             "rescaling weight that broadcasts (right-aligned) to the input's shape",
             (),
+            explain_bce,
         ),
         LossSpec(
             "bce-logits",
@@ -59,6 +67,7 @@ LOSSES: dict[str, LossSpec] = {
             "targets (probabilities), the input's shape",
             "rescaling weight that broadcasts (right-aligned) to the input's shape",
             ("pos_weight",),
+            explain_bce_logits,
         ),
         LossSpec(
             "ce",
@@ -69,6 +78,7 @@ LOSSES: dict[str, LossSpec] = {
             "probabilities of the input's shape",
             "class weight of shape (C,)",
             ("ignore_index", "label_smoothing"),
+            explain_cross_entropy,
         ),
         LossSpec(
             "nll",
@@ -78,6 +88,7 @@ LOSSES: dict[str, LossSpec] = {
             "class indices of shape (), (N,) or (N, d1, ...) (whole numbers)",
             "class weight of shape (C,)",
             ("ignore_index",),
+            explain_nll,
         ),
     )
 }
