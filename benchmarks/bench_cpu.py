@@ -30,18 +30,17 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import crossent
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from _harness import machine, median_times, peak_extra_bytes  # noqa: E402
+
+import crossent  # noqa: E402
 
 FULL = {"n": 2048, "d": 512, "v": 32000, "repeats": 7}
 QUICK = {"n": 256, "d": 64, "v": 1000, "repeats": 3}
@@ -137,46 +136,12 @@ BUILDERS = {"linear": build_linear, "ce": build_ce}
 # Measurement.
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the RSS high-water mark (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes(reset_ok: bool) -> int:
-    """The RSS high-water mark of this process.
-
-    ``VmHWM`` is this address space's own peak, reset by ``_reset_peak_rss``. ``ru_maxrss``
-    would do on a fresh process too, except that Linux carries the *parent's* peak across
-    ``execve`` into it, so a benchmark parent holding big tensors would inflate every child.
-    """
-    if reset_ok:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def memory_worker(kind: str, name: str, n: int, d: int, v: int) -> dict[str, float]:
     """Runs in a fresh process: peak extra resident memory of one forward + backward."""
     # Warm the libraries (thread pools, BLAS buffers) on tiny shapes first.
     BUILDERS[kind](name, 8, 4, 16)()
     run = BUILDERS[kind](name, n, d, v)
-    before = _rss_bytes()
-    reset_ok = _reset_peak_rss()
-    result = run()
-    peak = _peak_rss_bytes(reset_ok)
-    del result
-    return {"extra_mb": max(0, peak - before) / 2**20}
+    return {"extra_mb": peak_extra_bytes(run) / 2**20}
 
 
 def measure_memory(kind: str, name: str, n: int, d: int, v: int) -> float:
@@ -194,32 +159,11 @@ def measure_times(
     kind: str, names: tuple[str, ...], n: int, d: int, v: int, repeats: int
 ) -> dict[str, float]:
     """Median seconds per variant; variants interleaved round by round, after one warm-up."""
-    runs = {name: BUILDERS[kind](name, n, d, v) for name in names}
-    for run in runs.values():
-        run()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return median_times({name: BUILDERS[kind](name, n, d, v) for name in names}, repeats)
 
 
 # --------------------------------------------------------------------------------------------
 # Report.
-
-
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def table(

@@ -28,15 +28,13 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from bench_cpu import _peak_rss_bytes, _reset_peak_rss, _rss_bytes, machine
+from _harness import machine, median_times, peak_extra_bytes
 
 import crossent
 
@@ -122,12 +120,7 @@ def memory_worker(name: str, n: int, ds: int, dt: int, v: int) -> dict[str, floa
     """Runs in a fresh process: peak extra resident memory of one forward + backward."""
     build(name, 8, 4, 6, 16)()  # warm the libraries on tiny shapes
     run = build(name, n, ds, dt, v)
-    before = _rss_bytes()
-    reset_ok = _reset_peak_rss()
-    result = run()
-    peak = _peak_rss_bytes(reset_ok)
-    del result
-    return {"extra_mb": max(0, peak - before) / 2**20}
+    return {"extra_mb": peak_extra_bytes(run) / 2**20}
 
 
 def measure_memory(name: str, n: int, ds: int, dt: int, v: int) -> float:
@@ -141,16 +134,7 @@ def measure_times(
     names: tuple[str, ...], n: int, ds: int, dt: int, v: int, repeats: int
 ) -> dict[str, float]:
     """Median seconds per variant; variants interleaved round by round, after one warm-up."""
-    runs = {name: build(name, n, ds, dt, v) for name in names}
-    for run in runs.values():
-        run()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return median_times({name: build(name, n, ds, dt, v) for name in names}, repeats)
 
 
 def table(times: dict[str, float], mems: dict[str, float]) -> str:

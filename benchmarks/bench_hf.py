@@ -26,33 +26,16 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
+from _harness import machine, peak_extra_bytes
+
 FULL = {"vocab": 128256, "seq": 2048, "hidden": 256, "layers": 2, "steps": 2, "rounds": 2}
 QUICK = {"vocab": 8000, "seq": 256, "hidden": 64, "layers": 2, "steps": 2, "rounds": 1}
 VARIANTS = ("transformers", "transformers + crossent")
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the RSS high-water mark (Linux >= 4.0)
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def worker(variant: str, shape: dict[str, int]) -> dict[str, object]:
@@ -87,33 +70,21 @@ def worker(variant: str, shape: dict[str, int]) -> dict[str, object]:
 
     step(input_ids[:, :16])  # warm the libraries on a short sequence
     model.zero_grad(set_to_none=True)
-    before = _rss_bytes()
-    _reset_peak_rss()
-    loss = step(input_ids)
-    peak = _peak_rss_bytes()
+    losses = []
+    extra = peak_extra_bytes(lambda: losses.append(step(input_ids)))
+    loss = losses[0]
     times = []
     for _ in range(shape["steps"]):
         start = time.perf_counter()
         step(input_ids)
         times.append(time.perf_counter() - start)
-    return {"extra_mib": max(0, peak - before) / 2**20, "times": times, "loss": loss}
+    return {"extra_mib": extra / 2**20, "times": times, "loss": loss}
 
 
 def run_worker(variant: str, shape: dict[str, int]) -> dict[str, object]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps([variant, shape])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -147,7 +118,7 @@ def main() -> None:
     lines = [
         f"Llama, {shape['layers']} layers, hidden {shape['hidden']}, vocabulary {shape['vocab']}, "
         f"1 × {shape['seq']} tokens, float32, one training step (forward + backward); "
-        f"the logits alone are {logits_mib:.0f} MiB. {_cpu_name()}, {os.cpu_count()} cores, "
+        f"the logits alone are {logits_mib:.0f} MiB. {machine()}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}, {date}.",
         "",
         "| variant | peak extra memory (MiB) | step time (s) | loss |",

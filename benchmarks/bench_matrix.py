@@ -36,7 +36,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -49,7 +48,7 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from bench_cpu import _peak_rss_bytes, _reset_peak_rss, _rss_bytes, machine  # noqa: E402
+from _harness import machine, median_times, peak_extra_bytes  # noqa: E402
 
 import crossent  # noqa: E402
 
@@ -307,18 +306,6 @@ def _spinner() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code])
 
 
-def _median_times(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for run in runs.values():
-        run()
-    samples: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            samples[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def time_worker(kind: str, spec, sides: list[str], budget_s: float, modes: list[str]) -> dict:
     """Median time of each side in each mode; repeats sized to about ``budget_s`` per mode."""
     spec = Case(**spec) if kind == "case" else spec
@@ -338,7 +325,7 @@ def time_worker(kind: str, spec, sides: list[str], budget_s: float, modes: list[
         try:
             if spinner is not None:
                 time.sleep(0.2)
-            out[mode] = _median_times(runs, repeats)
+            out[mode] = median_times(runs, repeats)
         finally:
             if spinner is not None:
                 spinner.kill()
@@ -374,12 +361,7 @@ def memory_worker(kind: str, spec, side: str) -> dict:
         spec.shape = tuple(spec.shape)
     _builder(kind, _tiny(kind, spec), side)()
     run = _builder(kind, spec, side)
-    before = _rss_bytes()
-    reset_ok = _reset_peak_rss()
-    result = run()
-    peak = _peak_rss_bytes(reset_ok)
-    del result
-    return {"extra_mb": max(0, peak - before) / 2**20}
+    return {"extra_mb": peak_extra_bytes(run) / 2**20}
 
 
 def _spawn(payload: dict) -> dict:
