@@ -61,6 +61,7 @@ MISTAKE_LOGITS = [[0.8], [-0.3], [1.1]]
 MISTAKE_TARGETS = [1, 1, 0]
 
 _HEADERS = ["example", "crossent", "reference (NumPy f64)", "torch", "|Δ ref|", "|Δ torch|"]
+_INDENT = "   "  # a section's body, under its numbered title
 
 
 @dataclass
@@ -78,6 +79,11 @@ def _f32(values: object) -> torch.Tensor:
 def _f64(t: torch.Tensor) -> NDArray:
     """The float32 numbers as float64 (the reference's input)."""
     return t.double().numpy()
+
+
+def _numpy(t: torch.Tensor) -> NDArray:
+    """The reference's copy of ``t``: float64 for floating values, class indices as they are."""
+    return _f64(t) if t.is_floating_point() else t.numpy()
 
 
 def _four_decimals(row: list[float]) -> str:
@@ -108,26 +114,52 @@ def _compare(label: str, ours: torch.Tensor, ref: NDArray, theirs: torch.Tensor)
     return row, record
 
 
+def _side_by_side(
+    label: str, function: str, x: torch.Tensor, y: torch.Tensor, **kw: object
+) -> tuple:
+    """``function`` from crossent, the reference and torch on the same values: row and record."""
+    return _compare(
+        label,
+        getattr(cf, function)(x, y, **kw),
+        getattr(reference, function)(_numpy(x), _numpy(y), **kw),
+        getattr(F, function)(x, y, **kw),
+    )
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    return table(headers, rows, indent=_INDENT)
+
+
+def _paragraph(text: str, hanging: str | None = None) -> list[str]:
+    return paragraph(text, indent=_INDENT, hanging=hanging)
+
+
+def _section(report: DemoReport, key: str, lines: list[str], data: dict[str, object]) -> None:
+    """One section of the demo: its lines, then a blank line; its data under ``key``."""
+    report.lines += [*lines, ""]
+    report.data[key] = data
+
+
 def _bce_section(report: DemoReport) -> None:
     x, y = _f32(BCE_PROBS), _f32(BCE_TARGETS)
     rows, data = [], {"input": BCE_PROBS, "target": BCE_TARGETS}
     for reduction in ("mean", "sum"):
-        row, record = _compare(
-            f"reduction={reduction!r}",
-            cf.binary_cross_entropy(x, y, reduction=reduction),
-            reference.binary_cross_entropy(_f64(x), _f64(y), reduction=reduction),
-            F.binary_cross_entropy(x, y, reduction=reduction),
+        row, record = _side_by_side(
+            f"reduction={reduction!r}", "binary_cross_entropy", x, y, reduction=reduction
         )
         rows.append(row)
         data[reduction] = record
-    report.lines += [
-        "1. Binary cross entropy on probabilities",
-        f"   x = {BCE_PROBS}",
-        f"   y = {BCE_TARGETS}",
-        *table(_HEADERS, rows, indent="   "),
-        "",
-    ]
-    report.data["bce"] = data
+    _section(
+        report,
+        "bce",
+        [
+            "1. Binary cross entropy on probabilities",
+            f"   x = {BCE_PROBS}",
+            f"   y = {BCE_TARGETS}",
+            *_table(_HEADERS, rows),
+        ],
+        data,
+    )
 
     # The module form on a (3, 5) batch: crossent.nn.BCELoss subclasses torch.nn.BCELoss.
     x, y = _f32(BCE_MODULE_INPUT), _f32(BCE_MODULE_TARGET)
@@ -139,23 +171,18 @@ def _bce_section(report: DemoReport) -> None:
         torch.nn.BCELoss()(x, y),
     )
     rounded = f"{ours.item():.4f}"
-    report.lines += [
+    lines = [
         "   nn.BCELoss() on x = torch.rand(3, 5), y = torch.randn(3, 5).softmax(dim=1)",
         *(f"   x[{i}] = {_four_decimals(r)}" for i, r in enumerate(BCE_MODULE_INPUT)),
         *(f"   y[{i}] = {_four_decimals(r)}" for i, r in enumerate(BCE_MODULE_TARGET)),
-        *table(_HEADERS, [row], indent="   "),
-        *paragraph(
-            f"the tutorial prints tensor({BCE_MODULE_PRINTED}); crossent, to 4 decimals: {rounded}",
-            indent="   ",
+        *_table(_HEADERS, [row]),
+        *_paragraph(
+            f"the tutorial prints tensor({BCE_MODULE_PRINTED}); crossent, to 4 decimals: {rounded}"
         ),
-        "",
     ]
-    report.data["bce_module"] = {
-        "input": BCE_MODULE_INPUT,
-        "target": BCE_MODULE_TARGET,
-        "mean": record,
-        "tutorial_printed": float(BCE_MODULE_PRINTED),
-    }
+    printed = float(BCE_MODULE_PRINTED)
+    data = {"input": BCE_MODULE_INPUT, "target": BCE_MODULE_TARGET, "mean": record}
+    _section(report, "bce_module", lines, {**data, "tutorial_printed": printed})
 
 
 def _sigmoid_section(report: DemoReport) -> None:
@@ -166,12 +193,7 @@ def _sigmoid_section(report: DemoReport) -> None:
         reference.binary_cross_entropy(reference.sigmoid(_f64(x)), _f64(y)),
         F.binary_cross_entropy(torch.sigmoid(x), y),
     )
-    row_b, rec_b = _compare(
-        "BCE with logits(x, y)",
-        cf.binary_cross_entropy_with_logits(x, y),
-        reference.binary_cross_entropy_with_logits(_f64(x), _f64(y)),
-        F.binary_cross_entropy_with_logits(x, y),
-    )
+    row_b, rec_b = _side_by_side("BCE with logits(x, y)", "binary_cross_entropy_with_logits", x, y)
 
     # Large logits, float32: sigmoid rounds to exactly 0 or 1.
     big, big_y = _f32(LARGE_LOGITS), _f32(LARGE_TARGETS)
@@ -205,22 +227,20 @@ def _sigmoid_section(report: DemoReport) -> None:
         "gives 100 instead of 120, 50, 200; the stable log σ(x) = min(x, 0) − log1p(e^(−|x|)) "
         "never forms σ(x)."
     )
-    report.lines += [
+    lines = [
         "2. Sigmoid + BCE vs BCE with logits",
         f"   x = {LOGITS} (logits), y = {LOGIT_TARGETS}",
-        *table(_HEADERS, [row_a, row_b], indent="   "),
+        *_table(_HEADERS, [row_a, row_b]),
         "",
         f"   large logits (float32): x = {LARGE_LOGITS}, y = {LARGE_TARGETS}, reduction='none'",
-        *paragraph(
+        *_paragraph(
             "naive: −[y·log σ(x) + (1 − y)·log(1 − σ(x))] in float32; BCE(σ(x)): torch's BCE, "
-            "each log clamped at −100; with logits: BCE with logits, crossent and torch",
-            indent="   ",
+            "each log clamped at −100; with logits: BCE with logits, crossent and torch"
         ),
-        *table(headers, rows, indent="   "),
-        *paragraph(verdict, indent="   "),
-        "",
+        *_table(headers, rows),
+        *_paragraph(verdict),
     ]
-    report.data["sigmoid_vs_logits"] = {
+    data = {
         "input": LOGITS,
         "target": LOGIT_TARGETS,
         "sigmoid_then_bce": rec_a,
@@ -240,6 +260,7 @@ def _sigmoid_section(report: DemoReport) -> None:
             "verdict": verdict,
         },
     }
+    _section(report, "sigmoid_vs_logits", lines, data)
 
 
 def _ce_section(report: DemoReport) -> None:
@@ -247,53 +268,37 @@ def _ce_section(report: DemoReport) -> None:
     t_idx = torch.tensor(CE_TARGETS, dtype=torch.int64)
     t_prob = _f32(CE_PROBS)
     cases = [
-        ("indices", "class indices", t_idx, t_idx.numpy(), 0.0),
-        ("indices_smoothed", f"indices, ε={LABEL_SMOOTHING}", t_idx, t_idx.numpy(), 0.1),
-        ("probabilities", "class probabilities", t_prob, _f64(t_prob), 0.0),
-        (
-            "probabilities_smoothed",
-            f"probabilities, ε={LABEL_SMOOTHING}",
-            t_prob,
-            _f64(t_prob),
-            0.1,
-        ),
+        ("indices", "class indices", t_idx, 0.0),
+        ("indices_smoothed", f"indices, ε={LABEL_SMOOTHING}", t_idx, 0.1),
+        ("probabilities", "class probabilities", t_prob, 0.0),
+        ("probabilities_smoothed", f"probabilities, ε={LABEL_SMOOTHING}", t_prob, 0.1),
     ]
     rows, data = [], {"input": CE_LOGITS, "target_indices": CE_TARGETS, "target_probs": CE_PROBS}
-    for key, label, target, target_np, eps in cases:
-        row, record = _compare(
-            label,
-            cf.cross_entropy(x, target, label_smoothing=eps),
-            reference.cross_entropy(_f64(x), target_np, label_smoothing=eps),
-            F.cross_entropy(x, target, label_smoothing=eps),
-        )
+    for key, label, target, eps in cases:
+        row, record = _side_by_side(label, "cross_entropy", x, target, label_smoothing=eps)
         rows.append(row)
         data[key] = record
-    report.lines += [
+    lines = [
         "3. Cross entropy (reduction='mean'), logits x of shape (3, 5)",
         *(f"   x[{i}] = {vector(np.array(r))}" for i, r in enumerate(CE_LOGITS)),
         f"   t = {CE_TARGETS} (class indices)",
         *(f"   p[{i}] = {vector(np.array(r))} (probabilities)" for i, r in enumerate(CE_PROBS)),
-        *table(_HEADERS, rows, indent="   "),
-        "",
+        *_table(_HEADERS, rows),
     ]
-    report.data["cross_entropy"] = data
+    _section(report, "cross_entropy", lines, data)
 
     # 4. NLL on log-softmax outputs is cross entropy.
     t = torch.tensor(CE_TARGETS)
     nll = cf.nll_loss(torch.log_softmax(x, dim=1), t)
     ce = cf.cross_entropy(x, t)
     diff = abs(nll.item() - ce.item())
-    report.lines += [
+    lines = [
         "4. NLL on log-softmax outputs equals cross entropy",
         f"   nll_loss(log_softmax(x), t) = {exact(nll.numpy(), np.float32)}   "
         f"cross_entropy(x, t) = {exact(ce.numpy(), np.float32)}   |diff| = {diff:.1e}",
-        "",
     ]
-    report.data["nll_equals_ce"] = {
-        "nll_of_log_softmax": nll.numpy(),
-        "cross_entropy": ce.numpy(),
-        "abs_diff": diff,
-    }
+    data = {"nll_of_log_softmax": nll.numpy(), "cross_entropy": ce.numpy(), "abs_diff": diff}
+    _section(report, "nll_equals_ce", lines, data)
 
 
 def _mistake_section(report: DemoReport) -> None:
@@ -313,9 +318,9 @@ def _mistake_section(report: DemoReport) -> None:
     )
     report.lines += [
         "5. A classic mistake: cross_entropy on input of shape (3, 1) with targets [1, 1, 0]",
-        *paragraph(f"crossent: {messages['crossent']}", indent="   ", hanging=" " * 13),
-        *paragraph(f"torch:    {messages['torch']}", indent="   ", hanging=" " * 13),
-        *paragraph(f"fix: {fix}", indent="   ", hanging=" " * 8),
+        *_paragraph(f"crossent: {messages['crossent']}", hanging=" " * 13),
+        *_paragraph(f"torch:    {messages['torch']}", hanging=" " * 13),
+        *_paragraph(f"fix: {fix}", hanging=" " * 8),
     ]
     report.data["classic_mistake"] = {
         "input": MISTAKE_LOGITS,
