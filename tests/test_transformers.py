@@ -591,9 +591,9 @@ def test_trl_sft_trainer_recipe(tmp_path, monkeypatch):
     base = _model("llama")
     expected = update(trl.SFTTrainer, copy.deepcopy(base), 4, 1)
     calls = []
-    real = hf.linear_cross_entropy
+    real = hf._loss.linear_cross_entropy  # what the loss calls
     monkeypatch.setattr(
-        hf, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k)
+        hf._loss, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     got = update(CrossentSFTTrainer, hf.apply(copy.deepcopy(base), chunk_size=5), 2, 2)
     assert len(calls) == 2  # both micro-batches went through crossent
