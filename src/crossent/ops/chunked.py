@@ -19,42 +19,43 @@ The math, per kept token i with logits ``z = x_i W^T + b`` (optionally soft-capp
     loss_i = (1-ε)·w_t·(lse - s_t) + (ε/V)·Σ_c w_c·(lse - s_c) + ζ·lse²
     ∂loss_i/∂s = a_i·p - (1-ε)·w_t·e_t - (ε/V)·w,   a_i = (1-ε)·w_t + (ε/V)·W_sum + 2ζ·lse
 
-``'mean'`` divides the sum by ``Σ_kept w_t`` (the count of kept tokens without weights), the
-same denominator as ``F.cross_entropy`` uses for both its terms. The gradient of a chunk is
-scaled by ``σ_i`` (1/denominator for ``'mean'``, 1 for ``'sum'``, ``grad_output_i`` for
-``'none'``) before it meets the two gradient matmuls.
+The conventions (the two terms, the row factor, the ``'mean'`` denominator ``Σ_kept w_t``,
+σ) are ``crossent.ops._stats``'s; chunk sizes are ``crossent.ops._budget``'s. Each chunk is one
+logits/lse step (:func:`_chunks`: matmul, softcap, in-place softmax, statistics) followed by the
+loss and the gradient steps (:class:`_Grads`). Without softcap the row factor ``σ_i·a_i`` and
+the sparse/rank-1 corrections are folded into the (B, D) operands of the matmuls, so the (B, V)
+chunk is touched only by the logits matmul, one in-place softmax (on the host; the log-sum-exp
+is read back from the target column) and the two gradient matmuls. With softcap the gradient
+is built densely in the chunk (the tanh derivative multiplies every element).
 
-Without softcap the row factor ``σ_i·a_i`` and the sparse/rank-1 corrections are folded into
-the (B, D) operands of the matmuls, so the (B, V) chunk is touched only by the logits matmul,
-one in-place softmax (on the host; the log-sum-exp is read back from the target column) and
-the two gradient matmuls. With softcap the gradient is built densely in the chunk (the tanh
-derivative multiplies every element).
-
-Autograd: for ``'mean'``/``'sum'`` the forward computes the gradients chunk by chunk (they are
-the only thing the backward needs; it scales them by ``grad_output``). ``'none'`` needs a
-per-token ``grad_output`` that the forward cannot know, so its forward computes only the loss
-and its backward recomputes the chunks. Double backward is refused with a RuntimeError.
+Autograd (``crossent.ops._chunking``): for ``'mean'``/``'sum'`` the forward computes the
+gradients chunk by chunk (they are the only thing the backward needs; it scales them by
+``grad_output``). ``'none'`` needs a per-token ``grad_output`` that the forward cannot know, so
+its forward computes only the loss and its backward recomputes the chunks. Double backward is
+refused with a RuntimeError.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-# Chunk sizes. Each chunk streams the weight (V×D) through two matmuls and the float32 weight
-# gradient through a third, whatever its number of rows B, while its matmul work grows with B:
-# B sets the arithmetic intensity of those streams. On the host it is sized by work per thread,
-# ROWS_PER_THREAD rows for each torch thread (one thread computes half as fast as two, so it
-# needs half the rows per weight pass; measured on 2 cores: 256 rows a thread run within a few
-# percent of three unchunked matmuls, 64 rows 30% slower, and a busy core or bandwidth taken by
-# other processes widens the gap), up to HOST_CHUNK_BYTES of scratch. Elsewhere (accelerators,
-# whose chunked path is a fallback) the scratch budget is CHUNK_BYTES. The scratch is one chunk
-# of logits (two with softcap); see docs/linear.md for the measurements.
-CHUNK_BYTES = 32 * 1024 * 1024
-ROWS_PER_THREAD = 256
-HOST_CHUNK_BYTES = 64 * 1024 * 1024
+from crossent.ops import _stats
+from crossent.ops._budget import CHUNK_BYTES, HOST_CHUNK_BYTES, ROWS_PER_THREAD, choose_chunk_rows
+from crossent.ops._chunking import Rows, apply, select_rows
+from crossent.ops._chunking import on_host as _on_host
+
+__all__ = [
+    "CHUNK_BYTES",
+    "HOST_CHUNK_BYTES",
+    "ROWS_PER_THREAD",
+    "ChunkedConfig",
+    "choose_chunk_rows",
+    "linear_cross_entropy_chunked",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ class ChunkedConfig:
         label_smoothing: ε in [0, 1] (negative values already mapped to 0).
         z_loss: ζ >= 0, coefficient of ``lse²``.
         softcap: c > 0 or None.
-        chunk_size: rows per chunk, or None to size chunks from ``CHUNK_BYTES``.
+        chunk_size: rows per chunk, or None to size chunks (``crossent.ops._budget``).
     """
 
     reduction: str = "mean"
@@ -78,113 +79,86 @@ class ChunkedConfig:
     chunk_size: int | None = None
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else (float32, bfloat16, float16) accumulates in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def choose_chunk_rows(
-    n_rows: int,
-    n_classes: int,
-    acc_dtype: torch.dtype,
-    *,
-    softcap: bool = False,
-    chunk_size: int | None = None,
-    budget_bytes: int = CHUNK_BYTES,
-    threads: int | None = None,
-) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else from the work per thread or a budget.
-
-    A chunk holds ``rows × n_classes`` elements of ``acc_dtype`` (twice that with softcap).
-    With ``threads`` (host): ``ROWS_PER_THREAD × threads`` rows, at most as many as fit
-    ``HOST_CHUNK_BYTES``; without: as many as fit ``budget_bytes``. The result is clamped to
-    ``[1, max(n_rows, 1)]`` and, above 16 rows, rounded down to a multiple of 16 (whole
-    SIMD/matmul register blocks).
-
-    Args:
-        n_rows: number of tokens to process.
-        n_classes: V, the number of classes.
-        acc_dtype: dtype of the chunk buffer.
-        softcap: whether a second (tanh-derivative) buffer is needed.
-        chunk_size: explicit override.
-        budget_bytes: scratch budget when ``threads`` is None.
-        threads: the number of threads the matmuls run on (host), or None.
-
-    Returns:
-        The number of rows per chunk (>= 1).
-    """
-    if chunk_size is not None:
-        rows = chunk_size
-    else:
-        elem = torch.empty((), dtype=acc_dtype).element_size()
-        row_bytes = max(1, n_classes) * elem * (2 if softcap else 1)
-        if threads is None:
-            rows = budget_bytes // row_bytes
-        else:
-            rows = min(ROWS_PER_THREAD * max(1, threads), HOST_CHUNK_BYTES // row_bytes)
-        rows = max(1, rows)
-        if rows > 16:
-            rows -= rows % 16
-    return max(1, min(rows, max(n_rows, 1)))
+# --------------------------------------------------------------------------------------------
+# The tokens and the classifier of one call.
 
 
 @dataclasses.dataclass
-class _Rows:
-    """The rows a pass works on: all tokens (masked) or only the kept ones (compacted).
-
-    On the host, ignored tokens are dropped before any matmul (``index`` lists the kept rows;
-    finding them costs a host-side ``nonzero``, free on CPU). On an accelerator, ``nonzero``
-    would synchronise the device (it breaks CUDA graphs and torch.compile), so every row is
-    processed and ignored rows are masked out (``keep``), costing matmul work but no sync.
-    """
+class _Tokens:
+    """The rows a pass works on (see ``crossent.ops._chunking.select_rows``)."""
 
     x: Tensor  # (M, D) rows to process, input dtype
     target: Tensor  # (M,) int64, every entry a valid class index
-    keep: Tensor | None  # (M,) bool, None when every row is kept
-    index: Tensor | None  # (M,) positions of the rows in the full batch; None = identity
-    n_total: int  # N
+    rows: Rows
 
 
-def _on_host(t: Tensor) -> bool:
-    """Whether ``t`` lives in host memory, where reading values needs no device sync.
-
-    Decides the host-only code paths (row compaction, fused in-place softmax, skipping the
-    grad_output multiply); the tests patch it to run the accelerator paths on CPU.
-    """
-    return t.device.type == "cpu"
-
-
-def _select_rows(x: Tensor, target: Tensor, ignore_index: int) -> _Rows:
-    n = x.shape[0]
-    keep = target != ignore_index
-    if _on_host(x):
-        index = keep.nonzero().squeeze(1)
-        if index.numel() == n:
-            return _Rows(x, target, None, None, n)
-        return _Rows(x.index_select(0, index), target.index_select(0, index), None, index, n)
-    safe_target = torch.where(keep, target, 0)
-    return _Rows(x, safe_target, keep, None, n)
-
-
-def _scatter_rows(values: Tensor, rows: _Rows, fill_shape: tuple[int, ...]) -> Tensor:
-    """Place per-processed-row ``values`` back at their batch positions (zeros elsewhere)."""
-    if rows.index is None:
-        return values
-    out = values.new_zeros((rows.n_total, *fill_shape))
-    out.index_copy_(0, rows.index, values)
-    return out
+def _tokens(x: Tensor, target: Tensor, ignore_index: int) -> _Tokens:
+    rows = select_rows(target != ignore_index, x.shape[0], _on_host(x))
+    target = rows.take(target)
+    if rows.keep is not None:
+        target = torch.where(rows.keep, target, 0)
+    return _Tokens(rows.take(x), target, rows)
 
 
 @dataclasses.dataclass
-class _PassOutput:
-    loss_rows: Tensor | None  # (M,) acc dtype: the (1-ε)·w_t·(lse - s_t) term, 0 on masked rows
-    extra_rows: Tensor | None  # (M,) the smoothing and z-loss terms; None when both are off
-    grad_x: Tensor | None  # (M, D) acc dtype
-    grad_weight: Tensor | None  # (V, D) acc dtype
-    grad_bias: Tensor | None  # (V,) acc dtype
+class _Head:
+    """The classifier and options of one call, in the accumulation dtype.
+
+    On CPU there is no mixed-dtype matmul (mm's out_dtype is CUDA-only), so low-precision
+    weights are upcast once: fp32 math, fp32 gradient accumulation, a cast at the very end.
+    """
+
+    weight: Tensor  # (V, D)
+    bias: Tensor | None  # (V,)
+    class_weight: Tensor | None  # (V,)
+    total: Tensor | float  # W = Σ_c w_c
+    cfg: ChunkedConfig
+    acc: torch.dtype
+    host: bool
+
+    @classmethod
+    def of(
+        cls,
+        linear_weight: Tensor,
+        linear_bias: Tensor | None,
+        class_weight: Tensor | None,
+        cfg: ChunkedConfig,
+        host: bool,
+    ) -> _Head:
+        acc = _stats.compute_dtype(linear_weight.dtype)
+        weight = linear_weight if linear_weight.dtype == acc else linear_weight.to(acc)
+        bias = None if linear_bias is None else linear_bias.to(acc)
+        cw = None if class_weight is None else class_weight.to(acc)
+        total = _stats.total_weight(cw, weight.shape[0])
+        return cls(weight, bias, cw, total, cfg, acc, host)
+
+    def options(self) -> dict:
+        """The keywords of ``crossent.ops._stats`` for this call."""
+        cfg = self.cfg
+        return dict(
+            n_classes=self.weight.shape[0], label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss
+        )
 
 
-def _softmax_(logits: Tensor, target_col: Tensor, target_logit: Tensor) -> Tensor:
+# --------------------------------------------------------------------------------------------
+# The logits/lse step: one chunk of logits, turned into probabilities and statistics.
+
+
+@dataclasses.dataclass
+class _Chunk:
+    start: int
+    stop: int
+    x: Tensor  # (B, D) acc dtype, masked rows zeroed
+    target: Tensor  # (B,)
+    keep: Tensor | None  # (B,)
+    probs: Tensor  # (B, V) p = softmax(s); the gradient steps may overwrite it
+    lse: Tensor  # (B,)
+    target_logit: Tensor  # (B,) s_t
+    smooth: Tensor | None  # (B,) Σ_c w_c s_c (statistics relative to row_max = 0)
+    dcap: Tensor | None  # (B, V) 1 - tanh², the softcap derivative
+
+
+def _softmax_(logits: Tensor, target_col: Tensor, target_logit: Tensor, host: bool) -> Tensor:
     """Overwrite ``logits`` (B, V) with its row softmax; return the row log-sum-exp (B,).
 
     On the host the fused softmax kernel runs in place (each row is shifted, exponentiated,
@@ -196,7 +170,7 @@ def _softmax_(logits: Tensor, target_col: Tensor, target_logit: Tensor) -> Tenso
     by the caller (``_lse_from_row_max``). This saves the separate max pass over the chunk.
     Elsewhere (accelerators) the max, exp, sum and scale run as separate in-place passes.
     """
-    if _on_host(logits):
+    if host:
         torch._softmax(logits, 1, False, out=logits)
         p_t = logits.gather(1, target_col).squeeze(1)
         lse = target_logit - p_t.log()
@@ -247,394 +221,268 @@ def _lse_from_row_max(
     return logit - p_max.log()
 
 
-def _chunked_pass(
-    rows: _Rows,
-    linear_weight: Tensor,
-    linear_bias: Tensor | None,
-    class_weight: Tensor | None,
-    cfg: ChunkedConfig,
-    *,
-    sigma: Tensor | None,
-    want_loss: bool,
-    want_grad_x: bool,
-    want_grad_weight: bool,
-    want_grad_bias: bool,
-) -> _PassOutput:
-    """One sweep over the rows, chunk by chunk: per-row loss and/or σ-scaled gradients.
+def _chunks(tokens: _Tokens, head: _Head, *, smooth: bool, dcap: bool) -> Iterator[_Chunk]:
+    """The chunks of one sweep over the rows, each with its probabilities and statistics.
 
-    Args:
-        rows: the rows to process (see ``_Rows``).
-        linear_weight: (V, D).
-        linear_bias: (V,) or None.
-        class_weight: (V,) or None.
-        cfg: the call's options.
-        sigma: (M,) per-row gradient scale in the accumulation dtype (0 on masked rows), or
-            None when no gradient is wanted.
-        want_loss: compute the per-row loss.
-        want_grad_x / want_grad_weight / want_grad_bias: which gradients to accumulate.
-
-    Returns:
-        ``_PassOutput`` with the requested pieces, all in the accumulation dtype.
+    ``smooth``: compute the smoothing sum; ``dcap``: keep the softcap derivative (gradients
+    with softcap). The chunks share one (B, V) buffer (two with ``dcap``): each is valid until
+    the next is made.
     """
-    x, target, keep = rows.x, rows.target, rows.keep
-    m, d = x.shape
-    v = linear_weight.shape[0]
-    acc = accumulation_dtype(x.dtype)
-    device = x.device
-    want_grads = sigma is not None and (want_grad_x or want_grad_weight or want_grad_bias)
-
-    # Operands in the accumulation dtype. On CPU there is no mixed-dtype matmul (mm's
-    # out_dtype is CUDA-only), so low-precision weights are upcast once: fp32 math, fp32
-    # gradient accumulation, a cast at the very end.
-    weight_acc = linear_weight if linear_weight.dtype == acc else linear_weight.to(acc)
-    bias_acc = None if linear_bias is None else linear_bias.to(acc)
-    cw = None if class_weight is None else class_weight.to(acc)
-    eps = cfg.label_smoothing
-    zeta = cfg.z_loss
-    cap = cfg.softcap
-    w_sum = float(v) if cw is None else cw.sum()
-    w_target = None if cw is None else cw.index_select(0, target)  # (M,)
-
-    loss_rows = torch.zeros(m, dtype=acc, device=device) if want_loss else None
-    has_extra = want_loss and (eps > 0 or zeta > 0)
-    extra_rows = torch.zeros(m, dtype=acc, device=device) if has_extra else None
-    grad_x = torch.empty((m, d), dtype=acc, device=device) if want_grads and want_grad_x else None
-    # The weight gradient is written (not added) by the first chunk's matmul: no zero fill.
-    grad_weight = (
-        torch.empty((v, d), dtype=acc, device=device) if want_grads and want_grad_weight else None
-    )
-    grad_bias = torch.zeros(v, dtype=acc, device=device) if want_grads and want_grad_bias else None
-    if m == 0:
-        if grad_weight is not None:
-            grad_weight.zero_()
-        return _PassOutput(loss_rows, extra_rows, grad_x, grad_weight, grad_bias)
-
+    x, target, keep = tokens.x, tokens.target, tokens.rows.keep
+    m = x.shape[0]
+    acc, cap = head.acc, head.cfg.softcap
+    v = head.weight.shape[0]
+    dcap = dcap and cap is not None
     rows_per_chunk = choose_chunk_rows(
         m,
         v,
         acc,
-        softcap=cap is not None and want_grads,
-        chunk_size=cfg.chunk_size,
-        threads=torch.get_num_threads() if _on_host(x) else None,
+        softcap=dcap,
+        chunk_size=head.cfg.chunk_size,
+        threads=torch.get_num_threads() if head.host else None,
     )
-    buf = torch.empty((min(rows_per_chunk, m), v), dtype=acc, device=device)
-    dcap_buf = torch.empty_like(buf) if cap is not None and want_grads else None
-    ones_v = torch.ones(v, dtype=acc, device=device) if (eps > 0 and cw is None) else None
-    w_vec = cw if cw is not None else ones_v  # (V,) only used when eps > 0
-    dense = cap is not None  # softcap: build the gradient densely in the chunk
-    if want_grads and eps > 0 and not dense:
-        # Folded label-smoothing terms: Σ_i σ_i·x_i and Σ_i σ_i, applied once at the end.
-        sum_sigma_x = torch.zeros(d, dtype=acc, device=device)
-        sum_sigma = torch.zeros((), dtype=acc, device=device)
-        smooth_dir = (w_vec @ weight_acc) if grad_x is not None else None  # (D,) = wᵀW
-
+    buf = torch.empty((min(rows_per_chunk, m), v), dtype=acc, device=x.device)
+    dcap_buf = torch.empty_like(buf) if dcap else None
     for start in range(0, m, rows_per_chunk):
         stop = min(start + rows_per_chunk, m)
-        n = stop - start
         x_c = x[start:stop]
         if x_c.dtype != acc:
             x_c = x_c.to(acc)
-        if keep is not None:
+        keep_c = None if keep is None else keep[start:stop]
+        if keep_c is not None:
             # Masked (ignored) rows enter the matmuls as zeros, so that NaN/inf in them cannot
             # reach the weight gradient (0·NaN = NaN): an ignored token contributes nothing,
             # as on the host, where it is dropped before the matmul.
-            x_c = torch.where(keep[start:stop].unsqueeze(1), x_c, 0.0)
+            x_c = torch.where(keep_c.unsqueeze(1), x_c, 0.0)
         t_c = target[start:stop]
         t_col = t_c.unsqueeze(1)
-        logits = buf[:n]  # (n, V)
-
-        if bias_acc is None:
-            torch.mm(x_c, weight_acc.T, out=logits)
+        logits = buf[: stop - start]  # (B, V)
+        if head.bias is None:
+            torch.mm(x_c, head.weight.T, out=logits)
         else:
-            torch.addmm(bias_acc, x_c, weight_acc.T, out=logits)
+            torch.addmm(head.bias, x_c, head.weight.T, out=logits)
+        dcap_c = None
         if cap is not None:
             logits.div_(cap).tanh_()
             if dcap_buf is not None:
-                dcap = dcap_buf[:n]
-                torch.mul(logits, logits, out=dcap)
-                dcap.neg_().add_(1.0)  # d(c·tanh(z/c))/dz = 1 - tanh²
+                dcap_c = dcap_buf[: stop - start]
+                torch.mul(logits, logits, out=dcap_c)
+                dcap_c.neg_().add_(1.0)  # d(c·tanh(z/c))/dz = 1 - tanh²
             logits.mul_(cap)
 
-        s_t = logits.gather(1, t_col).squeeze(1)  # (n,) target logit
-        smooth_dot = None
-        if eps > 0 and want_loss:
-            smooth_dot = logits.sum(1) if cw is None else logits @ cw  # Σ_c w_c s_c
-        lse = _softmax_(logits, t_col, s_t)  # logits now holds p = softmax(s)
-        if _on_host(lse):
+        s_t = logits.gather(1, t_col).squeeze(1)  # (B,) target logit
+        smooth_c = None
+        if smooth:
+            cw = head.class_weight
+            smooth_c = logits.sum(1) if cw is None else logits @ cw  # Σ_c w_c s_c
+        lse = _softmax_(logits, t_col, s_t, head.host)  # logits now holds p = softmax(s)
+        if head.host:
             redo = torch.isnan(lse).nonzero().squeeze(1)
             if redo.numel():
                 # p_t too small to read lse from (or NaN/inf input): read the largest class.
-                exact = _lse_from_row_max(logits, redo, x_c, weight_acc, bias_acc, cap)
+                exact = _lse_from_row_max(logits, redo, x_c, head.weight, head.bias, cap)
                 lse = lse.index_copy(0, redo, exact)
+        yield _Chunk(start, stop, x_c, t_c, keep_c, logits, lse, s_t, smooth_c, dcap_c)
 
-        w_t = None if w_target is None else w_target[start:stop]
-        if want_loss:
-            nll = lse - s_t
-            loss_c = nll if w_t is None else nll * w_t
-            extra_c = None
-            if eps > 0:
-                loss_c = (1 - eps) * loss_c
-                extra_c = (eps / v) * (w_sum * lse - smooth_dot)
-            if zeta > 0:
-                z_term = zeta * lse * lse
-                extra_c = z_term if extra_c is None else extra_c + z_term
-            if keep is not None:
-                loss_c = torch.where(keep[start:stop], loss_c, 0.0)
-                if extra_c is not None:
-                    extra_c = torch.where(keep[start:stop], extra_c, 0.0)
-            loss_rows[start:stop] = loss_c
-            if extra_c is not None:
-                extra_rows[start:stop] = extra_c
 
-        if not want_grads:
-            continue
-        sig = sigma[start:stop]  # (n,)
-        onehot_coef = sig * (1 - eps) if w_t is None else sig * ((1 - eps) * w_t)
-        a = (1 - eps) + (eps / v) * w_sum if w_t is None else (1 - eps) * w_t + (eps / v) * w_sum
-        if zeta > 0:
-            a = a + (2 * zeta) * lse
-        row_factor = sig * a  # (n,)
+# --------------------------------------------------------------------------------------------
+# The gradient steps.
 
-        if dense:
-            g = logits
+
+class _Grads:
+    """σ-scaled gradients of the loss, accumulated chunk by chunk (acc dtype).
+
+    Without softcap the row factor ``σ_i·a_i`` and the sparse/rank-1 corrections are folded
+    into the (B, D) operands of the matmuls, so the (B, V) chunk is touched only by the two
+    gradient matmuls; the smoothing term's rank-1 parts are applied once, in :meth:`finish`.
+    With softcap the gradient is built densely in the chunk (the tanh derivative multiplies
+    every element).
+    """
+
+    def __init__(self, tokens: _Tokens, head: _Head, needs: tuple[bool, bool, bool]) -> None:
+        m, d = tokens.x.shape
+        v = head.weight.shape[0]
+        acc, device = head.acc, tokens.x.device
+        self.head = head
+        self.eps = head.cfg.label_smoothing
+        self.dense = head.cfg.softcap is not None
+        self.grad_x = torch.empty((m, d), dtype=acc, device=device) if needs[0] else None
+        # The weight gradient is written (not added) by the first chunk's matmul: no zero fill.
+        self.grad_weight = torch.empty((v, d), dtype=acc, device=device) if needs[1] else None
+        self.grad_bias = torch.zeros(v, dtype=acc, device=device) if needs[2] else None
+        self.first = True
+        w_vec = None
+        if self.eps > 0:
+            cw = head.class_weight
+            w_vec = cw if cw is not None else torch.ones(v, dtype=acc, device=device)
+        self.w_vec = w_vec  # (V,), with smoothing only
+        if self.eps > 0 and not self.dense:
+            # Folded label-smoothing terms: Σ_i σ_i·x_i and Σ_i σ_i, applied once at the end.
+            self.sum_sigma_x = torch.zeros(d, dtype=acc, device=device)
+            self.sum_sigma = torch.zeros((), dtype=acc, device=device)
+            self.smooth_dir = (w_vec @ head.weight) if needs[0] else None  # (D,) = wᵀW
+
+    def add(self, c: _Chunk, sig: Tensor) -> None:
+        """Add the chunk's gradients, with per-row scale ``sig`` (B,); overwrites ``c.probs``."""
+        head, eps = self.head, self.eps
+        v = head.weight.shape[0]
+        w_t = _stats.target_weight(head.class_weight, c.target)
+        row_factor, onehot_coef = _stats.grad_coefficients(
+            sig, w_t, head.total, c.lse, **head.options()
+        )
+        beta = 0.0 if self.first else 1.0
+        self.first = False
+        if self.dense:
+            g = c.probs
             g.mul_(row_factor.unsqueeze(1))
             if eps > 0:
-                g.addr_(sig, w_vec, alpha=-eps / v)
-            g.scatter_add_(1, t_col, -onehot_coef.unsqueeze(1))
-            g.mul_(dcap)
-            if grad_x is not None:
-                torch.mm(g, weight_acc, out=grad_x[start:stop])
-            if grad_weight is not None:
-                grad_weight.addmm_(g.T, x_c, beta=0.0 if start == 0 else 1.0)
-            if grad_bias is not None:
-                grad_bias.add_(g.sum(0))
-            continue
+                g.addr_(sig, self.w_vec, alpha=-eps / v)
+            g.scatter_add_(1, c.target.unsqueeze(1), -onehot_coef.unsqueeze(1))
+            g.mul_(c.dcap)
+            if self.grad_x is not None:
+                torch.mm(g, head.weight, out=self.grad_x[c.start : c.stop])
+            if self.grad_weight is not None:
+                self.grad_weight.addmm_(g.T, c.x, beta=beta)
+            if self.grad_bias is not None:
+                self.grad_bias.add_(g.sum(0))
+            return
 
-        # Folded: the chunk keeps p; row factors and corrections act on (n, D) operands.
-        p = logits
-        if grad_x is not None:
-            gx = grad_x[start:stop]
-            torch.mm(p, weight_acc, out=gx)
+        # Folded: the chunk keeps p; row factors and corrections act on (B, D) operands.
+        p = c.probs
+        if self.grad_x is not None:
+            gx = self.grad_x[c.start : c.stop]
+            torch.mm(p, head.weight, out=gx)
             gx.mul_(row_factor.unsqueeze(1))
-            gx.addcmul_(weight_acc.index_select(0, t_c), onehot_coef.unsqueeze(1), value=-1)
+            gx.addcmul_(head.weight.index_select(0, c.target), onehot_coef.unsqueeze(1), value=-1)
             if eps > 0:
-                gx.addr_(sig, smooth_dir, alpha=-eps / v)
-        if grad_weight is not None:
-            scaled_x = x_c * row_factor.unsqueeze(1)
-            grad_weight.addmm_(p.T, scaled_x, beta=0.0 if start == 0 else 1.0)
-            grad_weight.index_add_(0, t_c, x_c * onehot_coef.unsqueeze(1), alpha=-1)
+                gx.addr_(sig, self.smooth_dir, alpha=-eps / v)
+        if self.grad_weight is not None:
+            scaled_x = c.x * row_factor.unsqueeze(1)
+            self.grad_weight.addmm_(p.T, scaled_x, beta=beta)
+            self.grad_weight.index_add_(0, c.target, c.x * onehot_coef.unsqueeze(1), alpha=-1)
             if eps > 0:
-                sum_sigma_x.addmv_(x_c.T, sig)
-        if grad_bias is not None:
-            grad_bias.addmv_(p.T, row_factor)
-            grad_bias.index_add_(0, t_c, onehot_coef, alpha=-1)
+                self.sum_sigma_x.addmv_(c.x.T, sig)
+        if self.grad_bias is not None:
+            self.grad_bias.addmv_(p.T, row_factor)
+            self.grad_bias.index_add_(0, c.target, onehot_coef, alpha=-1)
             if eps > 0:
-                sum_sigma.add_(sig.sum())
+                self.sum_sigma.add_(sig.sum())
 
-    if want_grads and eps > 0 and not dense:
-        if grad_weight is not None:
-            grad_weight.addr_(w_vec, sum_sigma_x, alpha=-eps / v)
-        if grad_bias is not None:
-            grad_bias.add_(w_vec * sum_sigma, alpha=-eps / v)
-    return _PassOutput(loss_rows, extra_rows, grad_x, grad_weight, grad_bias)
-
-
-def _denominator(rows: _Rows, class_weight: Tensor | None, acc: torch.dtype) -> Tensor:
-    """``Σ_kept w_t`` (or the count of kept tokens): the 'mean' denominator, as a 0-d tensor."""
-    if class_weight is None:
-        if rows.keep is None:
-            return torch.tensor(float(rows.x.shape[0]), dtype=acc, device=rows.x.device)
-        return rows.keep.sum().to(acc)
-    w_t = class_weight.to(acc).index_select(0, rows.target)
-    if rows.keep is not None:
-        w_t = torch.where(rows.keep, w_t, 0.0)
-    return w_t.sum()
+    def finish(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(grad_x, grad_weight, grad_bias)`` over the processed rows, acc dtype."""
+        if self.first and self.grad_weight is not None:
+            self.grad_weight.zero_()  # no rows
+        alpha = -self.eps / self.head.weight.shape[0]
+        if self.eps > 0 and not self.dense:
+            if self.grad_weight is not None:
+                self.grad_weight.addr_(self.w_vec, self.sum_sigma_x, alpha=alpha)
+            if self.grad_bias is not None:
+                self.grad_bias.add_(self.w_vec * self.sum_sigma, alpha=alpha)
+        return self.grad_x, self.grad_weight, self.grad_bias
 
 
-def _sigma(rows: _Rows, scale: Tensor) -> Tensor:
-    """Per-row gradient scale: ``scale`` (0-d or (M,)) on kept rows, exactly 0 on masked rows."""
-    m = rows.x.shape[0]
-    sig = scale.expand(m) if scale.dim() == 0 else scale
-    if rows.keep is not None:
-        sig = torch.where(rows.keep, sig, 0.0)
-    return sig.contiguous()
+# --------------------------------------------------------------------------------------------
+# The sweep and the problem.
 
 
-def _reduce(out: _PassOutput, rows: _Rows, denom: Tensor | None, cfg: ChunkedConfig) -> Tensor:
-    """The reduction of the per-row terms.
+def _chunked_pass(
+    tokens: _Tokens,
+    head: _Head,
+    *,
+    sigma: Tensor | None = None,
+    needs: tuple[bool, bool, bool] = (False, False, False),
+    want_loss: bool = True,
+) -> tuple[tuple[Tensor, Tensor | None] | None, tuple[Tensor | None, ...] | None]:
+    """One sweep over the rows, chunk by chunk. Two call shapes: ``(tokens, head)`` for the
+    per-row loss only, and with ``sigma`` (M,) (the per-row gradient scale, 0 on masked rows)
+    and ``needs`` for the σ-scaled gradients of x, the weight and the bias as well (the loss
+    too unless ``want_loss`` is False).
 
-    ``'mean'`` divides the target term and the smoothing/z-loss terms by the denominator
-    separately, as ``F.cross_entropy`` does: when every kept target has class weight 0 the
-    target term is 0/0 and the mean NaN, whatever the smoothing term (x/0) holds.
+    Returns:
+        The per-row loss terms ``(main, extra)`` of ``crossent.ops._stats.row_loss`` (or None)
+        and the gradients ``(grad_x, grad_weight, grad_bias)`` (or None), acc dtype.
     """
-    if cfg.reduction == "none":
-        loss = out.loss_rows if out.extra_rows is None else out.loss_rows + out.extra_rows
-        return _scatter_rows(loss, rows, ())
-    if cfg.reduction == "sum":
-        total = out.loss_rows.sum()
-        return total if out.extra_rows is None else total + out.extra_rows.sum()
-    mean = out.loss_rows.sum() / denom
-    return mean if out.extra_rows is None else mean + out.extra_rows.sum() / denom
+    m = tokens.x.shape[0]
+    eps = head.cfg.label_smoothing
+    grads = _Grads(tokens, head, needs) if sigma is not None and any(needs) else None
+    main = extra = None
+    if want_loss:
+        main = torch.zeros(m, dtype=head.acc, device=tokens.x.device)
+        if eps > 0 or head.cfg.z_loss > 0:
+            extra = torch.zeros_like(main)
+    if m > 0 and (want_loss or grads is not None):
+        for c in _chunks(tokens, head, smooth=want_loss and eps > 0, dcap=grads is not None):
+            if want_loss:
+                nll, smooth_nll = _stats.nll_from_stats(c.lse, c.target_logit, c.smooth, head.total)
+                w_t = _stats.target_weight(head.class_weight, c.target)
+                main_c, extra_c = _stats.row_loss(
+                    nll, smooth_nll, c.lse, w_t, c.keep, **head.options()
+                )
+                main[c.start : c.stop] = main_c
+                if extra_c is not None:
+                    extra[c.start : c.stop] = extra_c
+            if grads is not None:
+                grads.add(c, sigma[c.start : c.stop])
+    return (main, extra) if want_loss else None, None if grads is None else grads.finish()
 
 
-def _grads_for(
-    x: Tensor,
-    linear_weight: Tensor,
-    linear_bias: Tensor | None,
-    target: Tensor,
-    class_weight: Tensor | None,
-    cfg: ChunkedConfig,
-    needs: tuple[bool, bool, bool],
-    grad_scale: Tensor,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of ``Σ_i scale_i·loss_i`` (scale from the reduction and the grad_output)."""
-    rows = _select_rows(x, target, cfg.ignore_index)
-    acc = accumulation_dtype(x.dtype)
-    if cfg.reduction == "none":
-        scale = grad_scale.to(acc)
-        if rows.index is not None:
-            scale = scale.index_select(0, rows.index)
-    elif cfg.reduction == "mean":
-        scale = grad_scale.to(acc) / _denominator(rows, class_weight, acc)
-    else:
-        scale = grad_scale.to(acc)
-    out = _chunked_pass(
-        rows,
-        linear_weight,
-        linear_bias,
-        class_weight,
-        cfg,
-        sigma=_sigma(rows, scale),
-        want_loss=False,
-        want_grad_x=needs[0],
-        want_grad_weight=needs[1],
-        want_grad_bias=needs[2],
+@dataclasses.dataclass(frozen=True)
+class _LinearProblem:
+    """One linear cross entropy call, for ``crossent.ops._chunking``; inputs
+    ``(x, linear_weight, linear_bias, target, class_weight)``."""
+
+    cfg: ChunkedConfig
+    acc: torch.dtype
+    differentiable = (True, True, True, False, False)
+    double_backward_message = (
+        "crossent.linear_cross_entropy does not support double backward "
+        "(backward with create_graph=True, torch.autograd.grad of its gradients, "
+        "hessians): its gradients are computed chunk by chunk outside autograd so that "
+        "the N×V logits are never stored. Use "
+        "F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...) "
+        "where higher-order gradients are needed."
     )
-    return _finish_grads(out, rows, x, linear_weight, linear_bias)
 
+    @property
+    def reduction(self) -> str:
+        return self.cfg.reduction
 
-def _finish_grads(
-    out: _PassOutput,
-    rows: _Rows,
-    x: Tensor,
-    linear_weight: Tensor,
-    linear_bias: Tensor | None,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    grad_x = None
-    if out.grad_x is not None:
-        grad_x = _scatter_rows(out.grad_x.to(x.dtype), rows, (x.shape[1],))
-    grad_weight = None if out.grad_weight is None else out.grad_weight.to(linear_weight.dtype)
-    grad_bias = None
-    if out.grad_bias is not None and linear_bias is not None:
-        grad_bias = out.grad_bias.to(linear_bias.dtype)
-    return grad_x, grad_weight, grad_bias
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Autograd node of the chunked linear cross entropy (see the module docstring)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        x: Tensor,
-        linear_weight: Tensor,
-        linear_bias: Tensor | None,
-        target: Tensor,
-        class_weight: Tensor | None,
-        cfg: ChunkedConfig,
-    ) -> Tensor:
-        needs = (
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-            linear_bias is not None and ctx.needs_input_grad[2],
-        )
-        ctx.cfg = cfg
-        ctx.needs = needs
-        ctx.save_for_backward(x, linear_weight, linear_bias, target, class_weight)
-        rows = _select_rows(x, target, cfg.ignore_index)
-        acc = accumulation_dtype(x.dtype)
-        if cfg.reduction == "none":
-            # The backward needs a per-token grad_output: compute the loss only, recompute then.
-            ctx.grads = None
-            out = _chunked_pass(
-                rows,
-                linear_weight,
-                linear_bias,
-                class_weight,
-                cfg,
-                sigma=None,
-                want_loss=True,
-                want_grad_x=False,
-                want_grad_weight=False,
-                want_grad_bias=False,
+    def run(self, inputs, *, want_loss, grad_scale, needs):
+        x, linear_weight, linear_bias, target, class_weight = inputs
+        cfg, acc = self.cfg, self.acc
+        tokens = _tokens(x, target, cfg.ignore_index)
+        head = _Head.of(linear_weight, linear_bias, class_weight, cfg, _on_host(x))
+        keep, m = tokens.rows.keep, tokens.x.shape[0]
+        denom = None
+        if cfg.reduction == "mean":
+            w_t = _stats.target_weight(head.class_weight, tokens.target)
+            denom = _stats.mean_denominator(keep, w_t, n_rows=m, dtype=acc, device=x.device)
+        if grad_scale is not None and any(needs[:3]):
+            scale = grad_scale.to(acc)
+            if cfg.reduction == "none":
+                scale = tokens.rows.take(scale)
+            sigma = _stats.row_scale(
+                scale, reduction=cfg.reduction, denominator=denom, keep=keep, n_rows=m
             )
-            return _reduce(out, rows, None, cfg).to(x.dtype)
-
-        denom = _denominator(rows, class_weight, acc) if cfg.reduction == "mean" else None
-        scale = 1.0 / denom if denom is not None else torch.ones((), dtype=acc, device=x.device)
-        out = _chunked_pass(
-            rows,
-            linear_weight,
-            linear_bias,
-            class_weight,
-            cfg,
-            sigma=_sigma(rows, scale),
-            want_loss=True,
-            want_grad_x=needs[0],
-            want_grad_weight=needs[1],
-            want_grad_bias=needs[2],
-        )
-        # Gradients of the reduced loss, held until backward scales them by grad_output.
-        ctx.grads = _finish_grads(out, rows, x, linear_weight, linear_bias)
-        return _reduce(out, rows, denom, cfg).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "crossent.linear_cross_entropy does not support double backward "
-                "(backward with create_graph=True, torch.autograd.grad of its gradients, "
-                "hessians): its gradients are computed chunk by chunk outside autograd so that "
-                "the N×V logits are never stored. Use "
-                "F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...) "
-                "where higher-order gradients are needed."
+            terms, grads = _chunked_pass(
+                tokens, head, sigma=sigma, needs=needs[:3], want_loss=want_loss
             )
-        cfg: ChunkedConfig = ctx.cfg
-        needs = ctx.needs
-        grads = ctx.grads
-        if grads is not None:
-            # First backward of 'mean'/'sum': hand over the gradients the forward computed.
-            # Dropping our reference lets autograd adopt them without a copy.
-            ctx.grads = None
-            grads = tuple(_scale_grad(g, grad_output) for g in grads)
         else:
-            # 'none', or a second backward (retain_graph=True): recompute from the inputs.
-            x, linear_weight, linear_bias, target, class_weight = ctx.saved_tensors
-            grads = _grads_for(
-                x, linear_weight, linear_bias, target, class_weight, cfg, needs, grad_output
-            )
+            terms, grads = _chunked_pass(tokens, head)
+        loss = None
+        if want_loss:
+            loss = _stats.reduce_loss(*terms, cfg.reduction, denom)
+            loss = (tokens.rows.scatter(loss) if cfg.reduction == "none" else loss).to(x.dtype)
+        if grads is None:
+            return loss, (None,) * 5
         grad_x, grad_weight, grad_bias = grads
-        return (
-            grad_x if needs[0] else None,
-            grad_weight if needs[1] else None,
-            grad_bias if needs[2] else None,
-            None,
+        return loss, (
+            None if grad_x is None else tokens.rows.scatter(grad_x.to(x.dtype)),
+            None if grad_weight is None else grad_weight.to(linear_weight.dtype),
+            None if grad_bias is None or linear_bias is None else grad_bias.to(linear_bias.dtype),
             None,
             None,
         )
-
-
-def _scale_grad(grad: Tensor | None, grad_output: Tensor) -> Tensor | None:
-    """``grad * grad_output`` in place (the tensor is ours); skipped when grad_output is 1.
-
-    Reading ``grad_output`` is free on the host; on an accelerator it would synchronise, so
-    there the multiplication always runs.
-    """
-    if grad is None:
-        return None
-    if _on_host(grad_output) and float(grad_output) == 1.0:
-        return grad
-    return grad.mul_(grad_output.to(grad.dtype))
 
 
 def linear_cross_entropy_chunked(
@@ -664,7 +512,7 @@ def linear_cross_entropy_chunked(
         label_smoothing: ε in [0, 1].
         z_loss: ζ >= 0.
         softcap: c > 0 or None.
-        chunk_size: rows per chunk, or None for the memory budget ``CHUNK_BYTES``.
+        chunk_size: rows per chunk, or None to size chunks (``crossent.ops._budget``).
 
     Returns:
         The loss in ``x``'s dtype: a scalar, or (N,) for ``reduction='none'``.
@@ -677,26 +525,5 @@ def linear_cross_entropy_chunked(
         softcap=softcap,
         chunk_size=chunk_size,
     )
-    differentiable = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, linear_weight, linear_bias)
-    )
-    if differentiable:
-        return _LinearCrossEntropy.apply(x, linear_weight, linear_bias, target, weight, cfg)
-    # No autograd: the loss only (one matmul per chunk, no gradient work).
-    rows = _select_rows(x, target, ignore_index)
-    out = _chunked_pass(
-        rows,
-        linear_weight,
-        linear_bias,
-        weight,
-        cfg,
-        sigma=None,
-        want_loss=True,
-        want_grad_x=False,
-        want_grad_weight=False,
-        want_grad_bias=False,
-    )
-    denom = None
-    if reduction == "mean":
-        denom = _denominator(rows, weight, accumulation_dtype(x.dtype))
-    return _reduce(out, rows, denom, cfg).to(x.dtype)
+    problem = _LinearProblem(cfg, _stats.compute_dtype(x.dtype))
+    return apply(problem, x, linear_weight, linear_bias, target, weight)

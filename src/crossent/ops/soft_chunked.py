@@ -46,20 +46,14 @@ import math
 import torch
 from torch import Tensor
 
-from crossent.ops.chunked import CHUNK_BYTES, accumulation_dtype, choose_chunk_rows
+from crossent.ops._budget import SOFT_CHUNK_BYTES, choose_chunk_rows
+from crossent.ops._stats import compute_dtype as accumulation_dtype
 
 __all__ = [
     "SOFT_CHUNK_BYTES",
     "linear_cross_entropy_probs_chunked",
     "linear_distillation_chunked",
 ]
-
-# Scratch budget of one chunk, all (B, V) buffers together: the student's logits and the
-# objective's scratch (one to four more). Six times the linear cross entropy budget, so that a
-# distillation chunk has 384-512 rows at V=32000 float32: each chunk re-reads both weights and
-# reads and writes the (V, D) weight gradient, and on the 2-core CPU 512-row chunks ran 7%
-# faster than 336-row ones and 35% faster than 160-row ones (docs/distillation.md).
-SOFT_CHUNK_BYTES = 6 * CHUNK_BYTES
 
 
 def _on_host(t: Tensor) -> bool:
