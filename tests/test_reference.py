@@ -112,7 +112,7 @@ def test_import_crossent_reference_does_not_import_torch():
     assert _run(f"import sys, crossent.reference; {torch_loaded}") == "False"
 
 
-@pytest.mark.parametrize("module", ["numerics", "binary", "categorical"])
+@pytest.mark.parametrize("module", ["numerics", "binary", "nll", "categorical"])
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(f"crossent.reference.{module}"))
     assert result.attempted > 0 and result.failed == 0

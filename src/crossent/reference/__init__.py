@@ -6,7 +6,15 @@ exactly: values, shapes, reductions, edge cases and the *type* of exception for 
 loss has an analytic gradient with respect to its input (and, where torch has one, its target).
 Every fast path in :mod:`crossent` is tested against these functions.
 
-This package imports NumPy only, never torch.
+This package imports NumPy only, never torch. It keeps its own NumPy copy of the loss
+conventions (label smoothing ε/C, the class weight on the target term, the ignore mask, the
+'mean' denominator) by design: it is the independent oracle the torch paths are tested
+against, so it shares no code with them (their one home is ``crossent.ops._stats``).
+
+Modules: ``binary`` (BCE, BCE with logits), ``nll`` (class-index targets, NLL), ``categorical``
+(cross entropy), ``numerics`` (stable helpers), ``_common`` (array conversion, reductions,
+upstream gradients, argument checks, the class losses' row form). The public names are the
+``__all__`` below; everything else in the modules serves them.
 
 Losses (torch.nn.functional signatures, minus the deprecated ``size_average``/``reduce``):
 
@@ -38,13 +46,8 @@ from .binary import (
     binary_cross_entropy_with_logits_grad,
     binary_cross_entropy_with_logits_target_grad,
 )
-from .categorical import (
-    cross_entropy,
-    cross_entropy_grad,
-    cross_entropy_target_grad,
-    nll_loss,
-    nll_loss_grad,
-)
+from .categorical import cross_entropy, cross_entropy_grad, cross_entropy_target_grad
+from .nll import nll_loss, nll_loss_grad
 from .numerics import log_sigmoid, log_softmax, logsumexp, sigmoid, softmax
 
 __all__ = [

@@ -1,9 +1,11 @@
 """What every reference loss shares: array conversion, reductions, upstream gradients, checks.
 
-Kept in one place (tinygrad's ``_do_reduction`` pattern) so no loss re-implements them.
-``check_reduction`` and ``check_ignore_index`` mirror ``crossent._checks`` (same rules, same
-exception types); they are repeated here because ``crossent._checks`` imports torch and this
-package must not.
+Kept in one place (tinygrad's ``_do_reduction`` pattern) so no loss re-implements them; the
+formulas themselves stay in each loss's module. The argument checks (``check_*``) mirror
+``crossent._checks`` (same rules, same exception types); they are repeated here because
+``crossent._checks`` imports torch and this package must not. For the class losses (NLL, cross
+entropy) this module also holds their row form: the class axis moved last and the other axes
+flattened, so that their math is written once, on ``M`` rows of ``C`` classes.
 """
 
 from __future__ import annotations
@@ -19,11 +21,18 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 __all__ = [
     "Reduction",
     "check_broadcasts_to",
+    "check_class_weight",
     "check_ignore_index",
+    "check_index_target",
+    "check_label_smoothing",
     "check_reduction",
+    "class_dim_of",
     "float_array",
+    "from_rows",
     "ieee_semantics",
     "reduce_loss",
+    "reject_unbatched_target_of_size_1",
+    "to_rows",
     "upstream_grad",
 ]
 
@@ -175,3 +184,108 @@ def upstream_grad(
     if reduction == "mean":
         g = g / denominator
     return np.broadcast_to(g, loss_shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Class losses (NLL, cross entropy): row form and argument checks
+# --------------------------------------------------------------------------------------------
+
+
+def class_dim_of(ndim: int) -> int:
+    """The class axis: 0 for unbatched ``(C,)`` input, else 1."""
+    return 0 if ndim == 1 else 1
+
+
+def to_rows(x: NDArray, class_dim: int) -> NDArray:
+    """``(N, C, d1..dk)`` -> ``(N·d1···dk, C)``: classes last, one row per prediction."""
+    classes_last = np.moveaxis(x, class_dim, -1)
+    num_rows = int(np.prod(classes_last.shape[:-1]))  # explicit, so that C = 0 works too
+    return classes_last.reshape(num_rows, x.shape[class_dim])
+
+
+def from_rows(rows: NDArray, shape: tuple[int, ...], class_dim: int) -> NDArray:
+    """Inverse of :func:`to_rows`: ``(M, C)`` rows back to the input's ``shape``."""
+    classes_last = shape[:class_dim] + shape[class_dim + 1 :] + (shape[class_dim],)
+    return np.moveaxis(rows.reshape(classes_last), -1, class_dim)
+
+
+def check_index_target(input_shape: tuple[int, ...], target: ArrayLike, fn: str) -> NDArray:
+    """Validate a class-index target against the input's shape; return it as int64."""
+    target = np.asarray(target)
+    if len(input_shape) == 0:
+        raise ValueError(
+            f"{fn}: Expected 1 or more dimensions (got 0): the input needs a class dimension, "
+            "(C,), (N, C) or (N, C, d1, ..., dk)"
+        )
+    if len(input_shape) == 1:
+        if target.ndim == 1 and target.shape[0] != 1:
+            raise ValueError(
+                f"{fn}: For 1D input, 1D target must have size 1, but got target size: "
+                f"{target.shape[0]} (an unbatched (C,) input takes a 0-d target)"
+            )
+        if target.ndim > 1:
+            raise RuntimeError(
+                f"{fn}: 0D or 1D target tensor expected, multi-target not supported: input "
+                f"shape {input_shape} needs a 0-d target, got shape {target.shape}"
+            )
+    else:
+        target_batch = target.shape[0] if target.ndim > 0 else 0
+        if target_batch != input_shape[0]:
+            raise ValueError(
+                f"{fn}: Expected input batch_size ({input_shape[0]}) to match target batch_size "
+                f"({target_batch}): input shape {input_shape}, target shape {target.shape}"
+            )
+        expected = (input_shape[0],) + tuple(input_shape[2:])
+        if target.shape != expected:
+            raise RuntimeError(
+                f"{fn}: Expected target size {expected} for input of shape {input_shape} "
+                f"(the input without its class dimension 1), got {target.shape}"
+                + (" (multi-target not supported)" if len(input_shape) == 2 else "")
+            )
+    if not np.issubdtype(target.dtype, np.integer):
+        raise RuntimeError(
+            f"{fn}: expected target dtype to be Long or Byte (integer class indices), but got "
+            f"{target.dtype}; probability targets must have the input's shape {input_shape}"
+        )
+    return target.astype(np.int64)
+
+
+def check_class_weight(
+    weight: ArrayLike | None, num_classes: int, dtype: DTypeLike, prefix: str = ""
+) -> NDArray[np.floating]:
+    """``weight`` as a ``(C,)`` array (all ones when None)."""
+    if weight is None:
+        return np.ones(num_classes, dtype)
+    weight = float_array(weight, dtype)
+    if weight.shape != (num_classes,):
+        raise RuntimeError(
+            f"{prefix}weight tensor should be defined either for all {num_classes} classes or no "
+            f"classes but got weight tensor of shape: {list(weight.shape)} (expected shape "
+            f"({num_classes},))"
+        )
+    return weight
+
+
+def check_label_smoothing(label_smoothing: float) -> float:
+    """torch checks ``ε <= 1`` only when ``ε > 0``; a negative ``ε`` (or NaN) means no smoothing."""
+    if label_smoothing > 0.0:
+        if label_smoothing > 1.0:
+            raise RuntimeError(
+                f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}"
+            )
+        return float(label_smoothing)
+    return 0.0
+
+
+def reject_unbatched_target_of_size_1(input_ndim: int, target: NDArray, what: str) -> None:
+    """torch 2.13 accepts a ``(1,)`` target for ``(C,)`` input in the forward only.
+
+    Its backward raises ``size mismatch (got input: [C], target: [1])`` and its label-smoothing
+    forward raises ``output with shape [] doesn't match the broadcast shape [1]``; so does the
+    reference, so that it never certifies a result torch cannot produce.
+    """
+    if input_ndim == 1 and target.ndim == 1:
+        raise RuntimeError(
+            f"{what} is not supported for an unbatched (C,) input with a 1-element (1,) target "
+            "(torch 2.13 raises here too); pass the class index as a 0-d target instead"
+        )

@@ -20,15 +20,6 @@ from ._common import (
 )
 from .numerics import log_sigmoid, sigmoid
 
-__all__ = [
-    "binary_cross_entropy",
-    "binary_cross_entropy_grad",
-    "binary_cross_entropy_target_grad",
-    "binary_cross_entropy_with_logits",
-    "binary_cross_entropy_with_logits_grad",
-    "binary_cross_entropy_with_logits_target_grad",
-]
-
 FloatArray = NDArray[np.floating]
 
 # torch clamps each log at -100 so that 0 * log(0) never becomes 0 * -inf = nan.

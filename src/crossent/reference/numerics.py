@@ -13,8 +13,6 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from ._common import float_array, ieee_semantics
 
-__all__ = ["sigmoid", "log_sigmoid", "logsumexp", "log_softmax", "softmax"]
-
 
 @ieee_semantics
 def sigmoid(x: ArrayLike, *, dtype: DTypeLike = np.float64) -> NDArray[np.floating]:
