@@ -4,27 +4,28 @@ When the classifier of a language model is sharded by vocabulary rows (tensor pa
 rank holds the logits of a contiguous slice of the vocabulary: rank ``r`` owns classes
 ``[offset_r, offset_r + V_r)``, the slices in rank order, sizes free to differ between ranks.
 The cross entropy needs only a few numbers per token from each rank, so it never gathers the
-``N x V`` logits. Each rank computes over its shard (one pass, chunked over tokens)
+``N x V`` logits. In the notation of the glossary of ``crossent.ops._stats`` (logits ``z``, row
+max ``m``, log-sum ``L``, smoothing sum ``S``), each rank computes over its shard (one pass,
+chunked over tokens)
 
 .. math::
 
-    m_r = \\max_{c \\in r} x_c, \\qquad s_r = \\sum_{c \\in r} e^{x_c - m_r}, \\qquad
-    x_t \\text{ if } t \\in r, \\qquad \\sum_{c \\in r} w_c (m_r - x_c)
+    m_r = \\max_{c \\in r} z_c, \\qquad s_r = \\sum_{c \\in r} e^{z_c - m_r}, \\qquad
+    z_t \\text{ if } t \\in r, \\qquad S_r = \\sum_{c \\in r} w_c (z_c - m_r)
 
 and the group combines them with one all-reduce MAX and one all-reduce SUM:
 
 .. math::
 
     m = \\max_r m_r, \\qquad L = \\log \\sum_r s_r e^{m_r - m}, \\qquad \\mathrm{lse} = m + L,
-    \\qquad \\Sigma = \\sum_c w_c (m - x_c) = \\sum_r \\Big[\\sum_{c \\in r} w_c (m_r - x_c)
-    + W_r (m - m_r)\\Big]
+    \\qquad S = \\sum_c w_c (z_c - m) = \\sum_r \\big[S_r + W_r (m_r - m)\\big]
 
 The loss of a token with global target ``t`` that is not ignored is then
 
 .. math::
 
-    \\ell = (1-\\varepsilon)\\, w_t \\big((m - x_t) + L\\big)
-          + \\frac{\\varepsilon}{V} \\big(\\Sigma + W L\\big) + z\\,\\mathrm{lse}^2,
+    \\ell = (1-\\varepsilon)\\, w_t \\big(L - (z_t - m)\\big)
+          + \\frac{\\varepsilon}{V} \\big(W L - S\\big) + \\zeta\\,\\mathrm{lse}^2,
     \\qquad W = \\sum_{c<V} w_c, \\quad W_r = \\sum_{c \\in r} w_c
 
 (``w = 1`` without class weights). The max ``m`` and ``L`` stay apart, as in torch's
@@ -32,9 +33,11 @@ The loss of a token with global target ``t`` that is not ignored is then
 index-target cross entropy with label smoothing ``ε`` spread over the GLOBAL vocabulary ``V``
 (Megatron's ``ε/V_r`` is a bug), plus an optional z-loss (PaLM) that class weights do not
 scale. ``'mean'`` divides the sum by ``Σ w_t`` over non-ignored tokens (their
-count without weights); all tokens ignored gives NaN with zero gradients, as in torch.
+count without weights); all tokens ignored gives NaN with zero gradients, as in torch. The
+combined statistics go to ``crossent.ops._stats``, which turns them into the loss, the
+``'mean'`` denominator and the gradient coefficients, as for every other path.
 
-The gradient w.r.t. this rank's logits is local (``p = e^{(x - m) - L}`` with the saved ``m``
+The gradient w.r.t. this rank's logits is local (``p = e^{(z - m) - L}`` with the saved ``m``
 and ``L``), so the backward of :func:`vocab_parallel_cross_entropy` needs no communication. For
 :func:`vocab_parallel_linear_cross_entropy` the replicated input's gradient is a sum over ranks
 (one all-reduce); the weight shard's gradient is local. Per token and rank the forward sends
@@ -67,16 +70,18 @@ from torch import Tensor
 from crossent._checks import distributed as local_checks
 from crossent.distributed._agreement import LocalSummary, agree_on_layout, resolve_group
 from crossent.distributed._functions import (
-    CHUNK_BUDGET_BYTES,
     Plan,
     VocabParallelCrossEntropy,
     VocabParallelLinearCrossEntropy,
 )
+from crossent.ops import _budget
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
-#: Bytes of chunk temporaries a call may hold at once (the default ``chunk_size``).
-CHUNK_BUDGET_BYTES = CHUNK_BUDGET_BYTES
+#: Bytes of chunk temporaries (logits, exponentials, their gradient) a call may hold at once,
+#: which sets the default ``chunk_size``; it lives with the other budgets in
+#: ``crossent.ops._budget`` (``VOCAB_PARALLEL_CHUNK_BYTES``).
+CHUNK_BUDGET_BYTES = _budget.VOCAB_PARALLEL_CHUNK_BYTES
 
 _F = TypeVar("_F", bound=Callable[..., Tensor])
 

@@ -27,6 +27,7 @@ _CHECKSUM_MODULUS = 65521  # position weights 1..65521 make the checksum order-s
 
 
 def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """``group``, or the world; raises before any check if no process group exists."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "crossent.distributed needs an initialized default process group: call "

@@ -1,8 +1,11 @@
 """The math of both vocab-parallel losses: shard statistics, their combination, the gradient.
 
-Each rank computes per-token statistics of its shard in chunks of tokens, the group combines them
-(one all-reduce MAX, one all-reduce SUM), and the loss and the per-row gradient factors follow
-from the combined statistics. The backward of the logits loss is local; the linear loss
+Each rank computes per-token statistics of its shard in chunks of tokens, and the group combines
+them (one all-reduce MAX, one all-reduce SUM) into the statistics of the whole vocabulary, named
+and signed as in the glossary of :mod:`crossent.ops._stats`: ``row_max``, ``logsum``,
+``target_logit`` (``z_t - row_max``) and the smoothing sum ``smooth``. The loss, the 'mean'
+denominator and the per-row gradient coefficients then come from ``crossent.ops._stats``, the
+one home of those conventions. The backward of the logits loss is local; the linear loss
 recomputes each chunk's logits and all-reduces the gradient of its replicated input.
 """
 
@@ -20,10 +23,7 @@ from torch.autograd.function import once_differentiable
 from crossent._checks import Reduction
 from crossent._checks.distributed import Options
 from crossent.distributed._agreement import Layout
-
-#: Bytes of chunk temporaries (logits, exponentials, their gradient) a call may hold at once;
-#: ``chunk_size`` overrides the row count derived from it.
-CHUNK_BUDGET_BYTES = 256 * 2**20
+from crossent.ops import _budget, _stats
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Plan:
     keep: Tensor  # (N,) bool: target != ignore_index
     local_target: Tensor  # (N, 1) int64: target - offset where this shard owns it, else 0
     owns_target: Tensor  # (N,) bool: kept and the target class lives in this shard
-    target_weight: Tensor | None  # (N,) w_t in the compute dtype, 0 where ignored
+    target_weight: Tensor | None  # (N,) w_t in the compute dtype (of class 0 where ignored)
     shard_weight: Tensor | None  # (V_r,) class weights of this shard's classes
     total_weight: float | Tensor  # W = Σ_c w_c over the global vocabulary (V without weight)
     shard_total_weight: float | Tensor  # W_r = Σ_c w_c over this shard (V_r without weight)
@@ -56,7 +56,7 @@ class Plan:
         logits_shape: tuple[int, int],
     ) -> Plan:
         n_rows, shard_size = logits_shape
-        compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        compute_dtype = _stats.compute_dtype(dtype)
         target = target.long()
         keep = target != opts.ignore_index
         local = target - layout.offset
@@ -65,19 +65,22 @@ class Plan:
         vocab = layout.vocab
         if isinstance(vocab, Tensor):
             vocab = vocab.to(compute_dtype)
-        if weight is None:
+        if weight is None:  # W = V, kept as given: a 0-d tensor when unchecked (no host sync)
             target_weight = shard_weight = None
             total_weight, shard_total_weight = vocab, float(shard_size)
         else:
             weight = weight.to(compute_dtype)
-            target_weight = torch.where(keep, weight[torch.where(keep, target, 0)], 0)
+            target_weight = _stats.target_weight(weight, torch.where(keep, target, 0))
             columns = torch.arange(shard_size, device=weight.device) + layout.offset
             shard_weight = weight.index_select(0, columns)
-            total_weight, shard_total_weight = weight.sum(), shard_weight.sum()
+            total_weight = _stats.total_weight(weight, n_classes=weight.numel())
+            shard_total_weight = shard_weight.sum()
         # Chunk temporaries per logit: the logits in the input dtype, their compute-dtype copy,
         # exponentials and gradient (compute dtype), the gradient in the input dtype.
         per_logit = 2 * torch.finfo(dtype).bits // 8 + 3 * torch.finfo(compute_dtype).bits // 8
-        rows = opts.chunk_size or CHUNK_BUDGET_BYTES // (per_logit * max(shard_size, 1))
+        rows = opts.chunk_size or _budget.budget_rows(
+            _budget.VOCAB_PARALLEL_CHUNK_BYTES, per_logit * max(shard_size, 1)
+        )
         return Plan(
             group=group,
             reduction=opts.reduction,
@@ -99,74 +102,77 @@ class Plan:
         n = self.keep.numel()
         return [slice(s, min(s + self.rows_per_chunk, n)) for s in range(0, n, self.rows_per_chunk)]
 
+    def stats_options(self) -> dict:
+        """The keyword options of ``crossent.ops._stats``'s loss and coefficient functions."""
+        return dict(n_classes=self.vocab, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+
 
 def _shard_statistics(logits: Tensor, plan: Plan, rows: slice) -> list[Tensor]:
     """Per-row statistics of one chunk ``(n, V_r)`` of this shard's logits, compute dtype.
 
-    Returns ``m_r = max_c x_c`` (-inf for an empty shard), ``s_r = Σ_c e^{x_c - m_r}``, the
-    target logit where this shard owns the target (else 0) and, with label smoothing,
-    ``Σ_c w_c (m_r - x_c)`` (no cancellation: every term has the sign of ``w_c``).
+    Returns ``m_r = max_c z_c`` (-inf for an empty shard), ``s_r = Σ_c e^{z_c - m_r}``, the
+    target logit ``z_t`` where this shard owns the target (else 0) and, with label smoothing,
+    ``Σ_c w_c (z_c - m_r)`` (no cancellation: every term has the sign of ``-w_c``).
     """
     n, shard_size = logits.shape
     if shard_size == 0:  # an empty shard adds e^{-inf} = 0 to the global sum
-        row_max = logits.new_full((n,), -math.inf)
-        return [row_max, logits.new_zeros(n), logits.new_zeros(n)] + (
+        shard_max = logits.new_full((n,), -math.inf)
+        return [shard_max, logits.new_zeros(n), logits.new_zeros(n)] + (
             [logits.new_zeros(n)] if plan.label_smoothing > 0 else []
         )
-    row_max = logits.amax(dim=1)  # (n,)
-    shift = _finite_shift(row_max)
-    sum_exp = (logits - shift[:, None]).exp_().sum(dim=1)
-    target_logit = logits.gather(1, plan.local_target[rows]).squeeze(1)
-    stats = [row_max, sum_exp, torch.where(plan.owns_target[rows], target_logit, 0.0)]
+    shard_max = logits.amax(dim=1)  # (n,)
+    shifted = logits - _finite_max(shard_max)[:, None]  # (n, V_r)
+    smooth = []
     if plan.label_smoothing > 0:
-        below_max = shift[:, None] - logits
-        if plan.shard_weight is not None:
-            below_max = below_max * plan.shard_weight
-        stats.append(below_max.sum(dim=1))
-    return stats
+        weighted = shifted if plan.shard_weight is None else shifted * plan.shard_weight
+        smooth.append(weighted.sum(dim=1))
+    sum_exp = shifted.exp_().sum(dim=1)
+    target_logit = logits.gather(1, plan.local_target[rows]).squeeze(1)
+    return [shard_max, sum_exp, torch.where(plan.owns_target[rows], target_logit, 0.0), *smooth]
 
 
-def _finite_shift(row_max: Tensor) -> Tensor:
+def _finite_max(row_max: Tensor) -> Tensor:
     """The max to subtract: 0 where it is -inf (all -inf would give -inf - -inf = NaN).
 
-    A row of -inf then has ``Σ e^{x - 0} = 0`` and log-sum-exp -inf; +inf and NaN propagate.
+    A row of -inf then has ``Σ e^{z - 0} = 0`` and log-sum-exp -inf; +inf and NaN propagate.
     """
     return torch.where(row_max == -math.inf, 0.0, row_max)
 
 
 @dataclass
 class _GlobalStats:
-    """Per-token statistics over the whole vocabulary, ``(N,)`` each, compute dtype.
+    """Per-token statistics over the whole vocabulary, ``(N,)`` each, compute dtype, named as in
+    the glossary of ``crossent.ops._stats``.
 
-    ``log_softmax(x)_c = (x_c - shift) - log_sum``: the max and the log-sum-exp stay apart, so
-    that huge logits lose no digits (``lse = shift + log_sum`` would round ``log_sum`` away).
+    ``log_softmax(z)_c = (z_c - row_max) - logsum``: the max and the log-sum-exp stay apart, so
+    that huge logits lose no digits (``lse = row_max + logsum`` would round ``logsum`` away).
     """
 
-    shift: Tensor  # global max logit (0 where every logit is -inf)
-    log_sum: Tensor  # log Σ_c e^{x_c - shift}
-    target_logit: Tensor  # x_t (0 where ignored)
-    smooth: Tensor | None  # Σ_c w_c (shift - x_c), with label smoothing only
+    row_max: Tensor  # global max logit (0 where every logit is -inf)
+    logsum: Tensor  # log Σ_c e^{z_c - row_max}
+    target_logit: Tensor  # z_t - row_max (of no meaning where ignored)
+    smooth: Tensor | None  # Σ_c w_c (z_c - row_max), with label smoothing only
 
     @property
     def lse(self) -> Tensor:
-        return self.shift + self.log_sum
+        return self.row_max + self.logsum
 
 
 def _combine_statistics(stats: list[Tensor], plan: Plan) -> _GlobalStats:
     """Combine every rank's ``_shard_statistics``: one all-reduce MAX, then one SUM."""
-    row_max, sum_exp, target_logit = stats[:3]
-    shift = row_max.clone()  # (N,)
-    dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=plan.group)
-    shift = _finite_shift(shift)
+    shard_max, sum_exp, target_logit = stats[:3]
+    row_max = shard_max.clone()  # (N,)
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=plan.group)
+    row_max = _finite_max(row_max)
     # e^{m_r - m} rescales this shard's sum to the global max; an empty shard: e^{-inf} = 0.
-    parts = [sum_exp * torch.exp(row_max - shift), target_logit]
+    parts = [sum_exp * torch.exp(shard_max - row_max), target_logit]
     if plan.label_smoothing > 0:
-        # Σ_{c∈r} w_c (m - x_c) = Σ_{c∈r} w_c (m_r - x_c) + W_r (m - m_r)
-        parts.append(stats[3] + plan.shard_total_weight * (shift - _finite_shift(row_max)))
+        # Σ_{c∈r} w_c (z_c - m) = Σ_{c∈r} w_c (z_c - m_r) + W_r (m_r - m)
+        parts.append(stats[3] + plan.shard_total_weight * (_finite_max(shard_max) - row_max))
     summed = torch.stack(parts)  # (2 or 3, N): one message
     dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=plan.group)
     smooth = summed[2] if plan.label_smoothing > 0 else None
-    return _GlobalStats(shift, summed[0].log(), summed[1], smooth)
+    return _GlobalStats(row_max, summed[0].log(), summed[1] - row_max, smooth)
 
 
 def _forward(plan: Plan, chunk_logits) -> tuple[Tensor, _GlobalStats, Tensor | None]:
@@ -182,70 +188,62 @@ def _forward(plan: Plan, chunk_logits) -> tuple[Tensor, _GlobalStats, Tensor | N
         stats = [empty] * (4 if plan.label_smoothing > 0 else 3)
     glob = _combine_statistics(stats, plan)
 
-    eps = plan.label_smoothing
-    loss = (glob.shift - glob.target_logit) + glob.log_sum  # (N,) -log p_t
-    if plan.target_weight is not None:
-        loss = loss * plan.target_weight
-    if eps > 0:
-        # -Σ_c w_c log p_c = Σ_c w_c (shift - x_c) + W log_sum
-        smooth = glob.smooth + plan.total_weight * glob.log_sum
-        loss = (1 - eps) * loss + (eps / plan.vocab) * smooth
-    if plan.z_loss > 0:
-        loss = loss + plan.z_loss * glob.lse.square()
-    loss = torch.where(plan.keep, loss, 0.0)  # ignored tokens: exactly 0, even for NaN logits
-
+    # Ignored tokens contribute exactly 0, even for NaN logits; 'mean' over no kept token is
+    # 0/0 = NaN, as in torch.
+    loss = _stats.loss_from_stats(
+        glob.row_max, glob.logsum, glob.target_logit, glob.smooth, plan.keep,
+        plan.target_weight, plan.total_weight, reduction=plan.reduction, **plan.stats_options(),
+    )  # fmt: skip
     denominator = None
-    if plan.reduction == "sum":
-        loss = loss.sum()
-    elif plan.reduction == "mean":
-        kept = plan.keep.to(plan.compute_dtype)
-        denominator = kept.sum() if plan.target_weight is None else plan.target_weight.sum()
-        loss = loss.sum() / denominator  # 0/0 = NaN when every token is ignored, as in torch
+    if plan.reduction == "mean":  # the backward divides by it too
+        denominator = _stats.mean_denominator(
+            plan.keep, plan.target_weight, n_rows=plan.keep.numel(), dtype=plan.compute_dtype
+        )
     return loss, glob, denominator
 
 
-def _row_factors(
+def _grad_coefficients(
     plan: Plan, grad_output: Tensor, lse: Tensor, denominator: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Per-row ``g_i`` (upstream gradient, 0 for ignored rows) and ``a_i`` of the gradient.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row: ``σ`` (upstream gradient, 0 for ignored rows), ``σ·a`` and ``σ·(1-ε)·w_t``.
 
-    ``dℓ_i/dx_ij = a_i p_ij - (1-ε) w_t [j = t] - (ε/V) w_j`` with
-    ``a_i = (1-ε) w_t + (ε/V) W + 2 z lse_i``.
+    ``dℓ_i/dz_ij = a_i p_ij - (1-ε) w_t [j = t] - (ε/V) w_j`` with
+    ``a_i = (1-ε) w_t + (ε/V) W + 2ζ lse_i`` (``crossent.ops._stats``).
     """
-    g = grad_output.to(plan.compute_dtype)
-    if plan.reduction == "mean":
-        g = g / denominator
-    g = torch.where(plan.keep, g.reshape(-1) if plan.reduction == "none" else g, 0.0)
-    eps = plan.label_smoothing
-    a = (1 - eps) * (1.0 if plan.target_weight is None else plan.target_weight)
-    a = a + (eps / plan.vocab) * plan.total_weight if eps > 0 else a
-    a = a + 2 * plan.z_loss * lse if plan.z_loss > 0 else a
-    return g, torch.as_tensor(a, dtype=plan.compute_dtype, device=lse.device).expand_as(lse)
+    sigma = _stats.row_scale(
+        grad_output.to(plan.compute_dtype),
+        reduction=plan.reduction,
+        denominator=denominator,
+        keep=plan.keep,
+        n_rows=plan.keep.numel(),
+    )
+    scaled_a, on_target = _stats.grad_coefficients(
+        sigma, plan.target_weight, plan.total_weight, lse, **plan.stats_options()
+    )
+    return sigma, scaled_a, on_target
 
 
 def _shard_logit_grad(
     logits: Tensor,
-    shift: Tensor,
-    log_sum: Tensor,
-    g: Tensor,
-    a: Tensor,
+    saved: tuple[Tensor, Tensor],
+    coefficients: tuple[Tensor, Tensor, Tensor],
     plan: Plan,
     rows: slice,
 ) -> Tensor:
-    """Gradient ``(n, V_r)`` w.r.t. one chunk of this shard's logits, compute dtype.
+    """Gradient ``(n, V_r)`` w.r.t. one chunk ``rows`` of this shard's logits, compute dtype.
 
-    Uses only local data and the saved global statistics: no communication.
+    ``saved`` is the forward's ``(row_max, logsum)``, ``coefficients`` is
+    :func:`_grad_coefficients`, both for all ``N`` rows. Uses only local data: no communication.
     """
-    grad = (logits - shift[:, None]).sub_(log_sum[:, None]).exp_()  # global softmax, this shard
-    grad *= (g * a)[:, None]
+    row_max, logsum = (t[rows, None] for t in saved)  # (n, 1) each
+    sigma, scaled_a, on_target = (t[rows] for t in coefficients)  # (n,) each
+    grad = (logits - row_max).sub_(logsum).exp_()  # the global softmax on this shard's classes
+    grad *= scaled_a[:, None]
     eps = plan.label_smoothing
     if eps > 0:
-        uniform = g[:, None] * (eps / plan.vocab)
+        uniform = sigma[:, None] * (eps / plan.vocab)
         grad -= uniform if plan.shard_weight is None else uniform * plan.shard_weight
     if logits.shape[1] > 0:
-        on_target = g * (1 - eps)
-        if plan.target_weight is not None:
-            on_target = on_target * plan.target_weight[rows]
         on_target = torch.where(plan.owns_target[rows], on_target, 0.0)
         grad.scatter_add_(1, plan.local_target[rows], -on_target[:, None])
     return grad
@@ -260,22 +258,20 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
             return logits[rows].to(plan.compute_dtype)
 
         loss, glob, denominator = _forward(plan, chunk_logits)
-        ctx.save_for_backward(logits, glob.shift, glob.log_sum)
+        ctx.save_for_backward(logits, glob.row_max, glob.logsum)
         ctx.plan, ctx.denominator = plan, denominator
         return loss.to(logits.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, None]:
-        logits, shift, log_sum = ctx.saved_tensors
+        logits, *saved = ctx.saved_tensors
         plan: Plan = ctx.plan
-        g, a = _row_factors(plan, grad_output, shift + log_sum, ctx.denominator)
+        coefficients = _grad_coefficients(plan, grad_output, saved[0] + saved[1], ctx.denominator)
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         for rows in plan.chunks():
             chunk = logits[rows].to(plan.compute_dtype)
-            grad[rows] = _shard_logit_grad(
-                chunk, shift[rows], log_sum[rows], g[rows], a[rows], plan, rows
-            )
+            grad[rows] = _shard_logit_grad(chunk, saved, coefficients, plan, rows)
         return grad, None
 
 
@@ -300,7 +296,7 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
         loss, glob, denominator = _forward(plan, chunk_logits)
         ctx.save_for_backward(
-            input, linear_weight_shard, linear_bias_shard, glob.shift, glob.log_sum
+            input, linear_weight_shard, linear_bias_shard, glob.row_max, glob.logsum
         )
         ctx.plan, ctx.denominator = plan, denominator
         return loss.to(input.dtype)
@@ -308,10 +304,10 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        input, linear_weight_shard, linear_bias_shard, shift, log_sum = ctx.saved_tensors
+        input, linear_weight_shard, linear_bias_shard, *saved = ctx.saved_tensors
         plan: Plan = ctx.plan
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        g, a = _row_factors(plan, grad_output, shift + log_sum, ctx.denominator)
+        coefficients = _grad_coefficients(plan, grad_output, saved[0] + saved[1], ctx.denominator)
         # Weight and bias gradients accumulate over chunks in the compute dtype (fp32 for half).
         grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
         grad_input = grad_input if need_input else None
@@ -323,9 +319,7 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
         for rows in plan.chunks():
             x = input[rows]  # (n, D)
             logits = F.linear(x, linear_weight_shard, linear_bias_shard).to(plan.compute_dtype)
-            grad_logits = _shard_logit_grad(
-                logits, shift[rows], log_sum[rows], g[rows], a[rows], plan, rows
-            )
+            grad_logits = _shard_logit_grad(logits, saved, coefficients, plan, rows)
             grad_logits_io = grad_logits.to(input.dtype)  # what torch's linear backward sees
             if grad_input is not None:
                 torch.mm(grad_logits_io, linear_weight_shard, out=grad_input[rows])
