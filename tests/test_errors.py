@@ -4,13 +4,16 @@ Nothing is mutated on error."""
 
 from __future__ import annotations
 
+import ast
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import crossent
 import crossent.functional as C
 import crossent.nn as CN
 
@@ -166,3 +169,55 @@ def test_label_smoothing_real_numbers_and_0d_tensors_are_accepted_like_torch(lab
         C.cross_entropy(x, t, label_smoothing=label_smoothing),
         F.cross_entropy(x, t, label_smoothing=label_smoothing),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# crossent._checks is the one place that raises for bad arguments.
+
+SRC = Path(crossent.__file__).resolve().parent
+ARGUMENT_ERRORS = {"TypeError", "ValueError", "RuntimeError", "IndexError", "NotImplementedError"}
+# Parts of the package that raise these types for something other than a loss's arguments.
+RAISES_ELSEWHERE = {
+    "_checks/": "the argument checks themselves",
+    "reference/": "the NumPy reference does not import torch, so it keeps its own copy of the "
+    "checks (same rules, same exception types)",
+    "cli/": "the command line's own arguments and files, not a loss's",
+    "ops/": "internal invariants of the validated paths: double backward, a kernel that "
+    "cannot run on this machine",
+    "distributed/": "what only the ranks together can check: the vocabulary split, replicated "
+    "targets and class weights, raised alike on every rank",
+    "integrations/transformers/": "models whose loss or head the integration cannot take over",
+    "_dtensor.py": "DTensor layouts: what the mesh must agree on (checked with a collective) "
+    "and layouts that no route takes",
+}
+
+
+def _argument_raises(source: str) -> list[tuple[int, str]]:
+    """``(line, exception name)`` of each ``raise TypeError(...)``-like statement."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+            func = node.exc.func
+            if isinstance(func, ast.Name) and func.id in ARGUMENT_ERRORS:
+                found.append((node.lineno, func.id))
+    return found
+
+
+def test_argument_raises_are_found():
+    source = "def f(x):\n    if x:\n        raise ValueError('x')\n    raise\n"
+    assert _argument_raises(source) == [(3, "ValueError")]
+    assert _argument_raises("raise AttributeError('no such name')\n") == []
+
+
+def test_only_checks_raises_for_bad_arguments():
+    """The API layer (functional, linear, linear_probs, distillation, nn, the backend switch,
+    integrations/_distillation, ...) validates through crossent._checks and raises nothing of
+    its own: re-raising torch's error (a bare ``raise``) is all it may do."""
+    offending = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if any(rel.startswith(prefix) for prefix in RAISES_ELSEWHERE):
+            continue
+        for line, name in _argument_raises(path.read_text(encoding="utf-8")):
+            offending.append(f"src/crossent/{rel}:{line}: raise {name}(...)")
+    assert not offending, "move these checks into crossent._checks:\n" + "\n".join(offending)

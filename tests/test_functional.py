@@ -8,7 +8,6 @@ log-softmax first, so the two differ by about 1 ulp).
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import hypothesis.strategies as st
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import blocked_path
 from hypothesis import given, settings
 
 import crossent
@@ -91,24 +91,6 @@ def class_shapes(draw):
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-@contextlib.contextmanager
-def blocked_path(enabled: bool = True):
-    """Route index-target cross entropy through crossent's blocked Function whatever the size
-    (it normally takes only large logits), in blocks of a few rows so that several blocks run."""
-    if not enabled:
-        yield
-        return
-    names = ("_BLOCKED_MIN_CLASSES", "_BLOCKED_MIN_BYTES", "_BYTES_PER_THREAD", "_MIN_BLOCK_BYTES")
-    saved = {k: getattr(eager, k) for k in names}
-    for k, v in zip(names, (1, 0, 16, 16), strict=True):
-        setattr(eager, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(eager, k, v)
 
 
 # ---------------------------------------------------------------------------------------------

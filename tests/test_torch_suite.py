@@ -15,6 +15,7 @@ import torch
 
 pytest.importorskip("expecttest")  # torch.testing._internal needs it
 
+from _helpers import blocked_path  # noqa: E402
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
 from torch.testing._internal.common_modules import module_db  # noqa: E402
 
@@ -175,15 +176,8 @@ def test_opinfo_gradcheck_with_batched_grad(op, blocked):
     """torch's test_fn_grad: finite differences on every float64 sample, batched gradients
     included (gradcheck's check_batched_grad, as in torch's own suites); crossent's blocked
     cross-entropy path forced too, whatever the size."""
-    from crossent.ops import eager
-
     ours_fn = OPS[op.name]
-    names = ("_BLOCKED_MIN_CLASSES", "_BLOCKED_MIN_BYTES", "_BYTES_PER_THREAD", "_MIN_BLOCK_BYTES")
-    saved = {k: getattr(eager, k) for k in names}
-    if blocked:
-        for k, v in zip(names, (1, 0, 16, 16), strict=True):
-            setattr(eager, k, v)
-    try:
+    with blocked_path(blocked):
         for sample in op.sample_inputs("cpu", torch.float64, requires_grad=True):
             inputs = [sample.input, *sample.args]
             diff = [
@@ -198,6 +192,3 @@ def test_opinfo_gradcheck_with_batched_grad(op, blocked):
 
             args = tuple(inputs[i] for i in diff)
             assert torch.autograd.gradcheck(fn, args, check_batched_grad=True), sample
-    finally:
-        for k, v in saved.items():
-            setattr(eager, k, v)

@@ -30,10 +30,10 @@ from typing import Literal
 
 import torch
 
+from crossent._checks.backend import ENV_VAR, check_backend_mode, check_triton_can_run
+
 Backend = Literal["torch", "triton"]
 
-_ENV_VAR = "CROSSENT_BACKEND"
-_MODES = ("auto", "torch", "triton")
 _AUTO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -85,13 +85,7 @@ def backend_mode() -> str:
     Raises:
         ValueError: if the variable holds anything but ``auto``, ``torch`` or ``triton``.
     """
-    raw = os.environ.get(_ENV_VAR, "auto")
-    mode = raw.strip().lower()
-    if mode not in _MODES:
-        raise ValueError(
-            f"{_ENV_VAR} must be one of 'auto', 'torch' or 'triton' (case-insensitive), got {raw!r}"
-        )
-    return mode
+    return check_backend_mode(os.environ.get(ENV_VAR, "auto"))
 
 
 def select_backend(*tensors: torch.Tensor | None) -> Backend:
@@ -120,19 +114,7 @@ def select_backend(*tensors: torch.Tensor | None) -> Backend:
     if _under_transform(present):
         return "torch"
     if mode == "triton":
-        if not triton_importable():
-            raise RuntimeError(
-                f"{_ENV_VAR}=triton but the triton package cannot be imported; install it "
-                "(pip install 'crossent[gpu]') or set CROSSENT_BACKEND to 'auto' or 'torch'"
-            )
-        off_gpu = sorted({str(t.device) for t in present if t.device.type != "cuda"})
-        if off_gpu and not triton_interpreting():
-            raise RuntimeError(
-                f"{_ENV_VAR}=triton with tensors on {', '.join(off_gpu)}: Triton kernels need "
-                "CUDA tensors, or Triton's interpreter for CPU tensors (set TRITON_INTERPRET=1 "
-                "before the first call); got TRITON_INTERPRET="
-                f"{os.environ.get('TRITON_INTERPRET', '<unset>')!r}"
-            )
+        check_triton_can_run(present, triton_importable(), triton_interpreting())
         return "triton"
     # auto: devices and dtypes first, so that a process that only ever passes CPU tensors never
     # imports triton (about 90 MB of resident memory and a noticeable import time).

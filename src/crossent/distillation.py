@@ -9,110 +9,20 @@ Public API: :func:`linear_distillation_loss` (re-exported as
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 from torch import Tensor
 
 from crossent import _checks
-from crossent.linear_probs import check_linear_head
+from crossent.nn import module_options, options_repr
 from crossent.ops.soft_chunked import linear_distillation_chunked
 
 __all__ = ["linear_distillation_loss", "LinearDistillationLoss"]
 
 _FN = "linear_distillation_loss"
-
-
-# --------------------------------------------------------------------------------------------
-# Validation (the shared pieces come from crossent._checks).
-
-
-def _real(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{_FN}: {name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
-def _check_options(
-    beta: object, temperature: object, hard_weight: object, soft_weight: object
-) -> tuple[float, float, float, float]:
-    beta = _real(beta, "beta")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(
-            f"{_FN}: beta must lie in [0, 1] (0: forward KL(teacher ‖ student), 1: reverse "
-            f"KL(student ‖ teacher), in between: generalized JSD), got {beta}"
-        )
-    temperature = _real(temperature, "temperature")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(
-            f"{_FN}: temperature must be a finite number > 0 (both heads' logits are divided "
-            f"by it), got {temperature}"
-        )
-    weights = []
-    for name, value in (("hard_weight", hard_weight), ("soft_weight", soft_weight)):
-        value = _real(value, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{_FN}: {name} must be a finite number >= 0, got {value}")
-        weights.append(value)
-    return beta, temperature, weights[0], weights[1]
-
-
-def _check_heads(
-    student_input: Tensor,
-    student_weight: Tensor,
-    student_bias: Tensor | None,
-    teacher_input: Tensor,
-    teacher_weight: Tensor,
-    teacher_bias: Tensor | None,
-) -> None:
-    check_linear_head(
-        student_input,
-        student_weight,
-        student_bias,
-        _FN,
-        ("student_input", "student_weight", "student_bias"),
-    )
-    check_linear_head(
-        teacher_input,
-        teacher_weight,
-        teacher_bias,
-        _FN,
-        ("teacher_input", "teacher_weight", "teacher_bias"),
-    )
-    if student_input.shape[:-1] != teacher_input.shape[:-1]:
-        raise RuntimeError(
-            f"{_FN}: student_input and teacher_input must have the same leading shape (one "
-            f"row per token), got {tuple(student_input.shape)} and "
-            f"{tuple(teacher_input.shape)} (leading {tuple(student_input.shape[:-1])} != "
-            f"{tuple(teacher_input.shape[:-1])})"
-        )
-    if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise RuntimeError(
-            f"{_FN}: the student and teacher heads must share the vocabulary: "
-            f"student_weight has {student_weight.shape[0]} classes "
-            f"{tuple(student_weight.shape)}, teacher_weight {teacher_weight.shape[0]} "
-            f"{tuple(teacher_weight.shape)}"
-        )
-
-
-def _check_target(
-    target: Tensor | None, leading: torch.Size, n_classes: int, ignore_index: int, hard: float
-) -> None:
-    if target is None:
-        if hard > 0:
-            raise ValueError(
-                f"{_FN}: hard_weight={hard} needs a target (class indices) for its cross "
-                "entropy term, got target=None"
-            )
-        return
-    _checks.check_index_target_dtype(target)
-    if target.shape != leading:
-        raise ValueError(
-            f"{_FN}: expected target of shape student_input.shape[:-1] = {tuple(leading)}, "
-            f"got {tuple(target.shape)}"
-        )
-    _checks.check_target_range(target, n_classes, ignore_index)
+# The module's options, passed to linear_distillation_loss as they are named there.
+_MODULE_OPTIONS = (
+    "beta", "temperature", "hard_weight", "soft_weight", "ignore_index", "reduction", "chunk_size"
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,15 +117,15 @@ def linear_distillation_loss(
     """
     reduction = _checks.check_reduction(reduction)
     ignore_index = _checks.check_ignore_index(ignore_index, _FN)
-    _check_heads(
+    _checks.check_distillation_heads(
         student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias
     )
-    beta, temperature, hard_weight, soft_weight = _check_options(
+    beta, temperature, hard_weight, soft_weight = _checks.check_distillation_options(
         beta, temperature, hard_weight, soft_weight
     )
     n_classes = student_weight.shape[0]
     leading = student_input.shape[:-1]
-    _check_target(target, leading, n_classes, ignore_index, hard_weight)
+    _checks.check_distillation_target(target, leading, n_classes, ignore_index, hard_weight)
     chunk_size = _checks.check_chunk_size(chunk_size, _FN)
 
     t1d = None
@@ -266,8 +176,8 @@ class LinearDistillationLoss(torch.nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.beta, self.temperature, self.hard_weight, self.soft_weight = _check_options(
-            beta, temperature, hard_weight, soft_weight
+        self.beta, self.temperature, self.hard_weight, self.soft_weight = (
+            _checks.check_distillation_options(beta, temperature, hard_weight, soft_weight)
         )
         self.ignore_index = _checks.check_ignore_index(ignore_index, _FN)
         self.reduction = _checks.check_reduction(reduction)
@@ -291,18 +201,8 @@ class LinearDistillationLoss(torch.nn.Module):
             target,
             student_bias=student_bias,
             teacher_bias=teacher_bias,
-            beta=self.beta,
-            temperature=self.temperature,
-            hard_weight=self.hard_weight,
-            soft_weight=self.soft_weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            chunk_size=self.chunk_size,
+            **module_options(self, _MODULE_OPTIONS),
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"beta={self.beta}, temperature={self.temperature}, hard_weight="
-            f"{self.hard_weight}, soft_weight={self.soft_weight}, ignore_index="
-            f"{self.ignore_index}, reduction={self.reduction}, chunk_size={self.chunk_size}"
-        )
+        return options_repr(self, _MODULE_OPTIONS)

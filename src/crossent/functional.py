@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from crossent import _checks
+from crossent import _checks, _dtensor
 from crossent._backend import select_backend
 from crossent.ops import eager
 
@@ -73,6 +73,8 @@ def binary_cross_entropy(
             binary_cross_entropy, (input, target, weight), input, target, weight=weight,
             size_average=size_average, reduce=reduce, reduction=reduction,
         )  # fmt: skip
+    if _dtensor.involved(input, target, weight):
+        return _dtensor.binary_cross_entropy(input, target, weight, size_average, reduce, reduction)
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     _checks.check_binary_cross_entropy(input, target, weight)
     try:
@@ -127,6 +129,9 @@ def binary_cross_entropy_with_logits(
             target, weight=weight, size_average=size_average, reduce=reduce,
             reduction=reduction, pos_weight=pos_weight,
         )  # fmt: skip
+    if _dtensor.involved(input, target, weight, pos_weight):
+        args = (input, target, weight, size_average, reduce, reduction, pos_weight)
+        return _dtensor.binary_cross_entropy_with_logits(*args)
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     _checks.check_binary_cross_entropy_with_logits(input, target, weight, pos_weight)
     if _backend(input, target, weight, pos_weight) == "triton":
@@ -179,28 +184,18 @@ def nll_loss(
             size_average=size_average, ignore_index=ignore_index, reduce=reduce,
             reduction=reduction,
         )  # fmt: skip
+    if _dtensor.involved(input, target, weight):
+        args = (input, target, weight, size_average, ignore_index, reduce, reduction)
+        return _dtensor.nll_loss(*args)
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     ignore_index = _checks.check_ignore_index(ignore_index, "nll_loss_nd")
-    n_classes = _check_index_targets(input, target, weight, "nll_loss_out_frame")
+    n_classes = _checks.check_index_targets(input, target, weight, "nll_loss_out_frame")
     try:
         return eager.nll_loss(input, target, weight, ignore_index, reduction)
     except IndexError:
         # torch's kernel checks the class indices itself; say which one and where.
         _checks.check_target_range(target, n_classes, ignore_index)
         raise
-
-
-def _check_index_targets(input: Tensor, target: Tensor, weight: Tensor | None, kernel: str) -> int:
-    """The checks of ``nll_loss_nd``, in torch's order, but the target range (checked by
-    torch's kernels, or before crossent's own); returns the number of classes."""
-    _checks.check_nll_shapes(input, target)
-    _checks.check_floating(input, kernel)
-    _checks.check_index_target_dtype(target)
-    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-    _checks.check_class_weight(weight, n_classes, input.dtype)
-    _checks.check_same_device(input, "weight", weight)
-    _checks.check_not_differentiable("nll_loss_forward", "weight", weight)
-    return n_classes
 
 
 def cross_entropy(
@@ -258,6 +253,9 @@ def cross_entropy(
             size_average=size_average, ignore_index=ignore_index, reduce=reduce,
             reduction=reduction, label_smoothing=label_smoothing,
         )  # fmt: skip
+    if _dtensor.involved(input, target, weight):
+        args = (size_average, ignore_index, reduce, reduction, label_smoothing)
+        return _dtensor.cross_entropy(input, target, weight, *args)
     reduction = _checks.resolve_reduction(size_average, reduce, reduction)
     ignore_index = _checks.check_ignore_index(ignore_index, "cross_entropy_loss")
     if input.shape == target.shape:
@@ -266,7 +264,9 @@ def cross_entropy(
         label_smoothing = _checks.check_label_smoothing(label_smoothing)
         return eager.cross_entropy_probs(input, target, weight, label_smoothing, reduction)
     label_smoothing = _checks.check_label_smoothing(label_smoothing)
-    n_classes = _check_index_targets(input, target, weight, "log_softmax_lastdim_kernel_impl")
+    n_classes = _checks.check_index_targets(
+        input, target, weight, "log_softmax_lastdim_kernel_impl"
+    )
     if input.dim() == 2 and _backend(input, target, weight) == "triton":
         _checks.check_target_range(target, n_classes, ignore_index)
         from crossent.ops import triton as triton_ops

@@ -12,126 +12,25 @@ tensors, by the Triton kernels (``crossent.ops.triton``).
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from crossent import _checks
+from crossent import _checks, _dtensor
 from crossent._backend import select_backend
 from crossent.linear_probs import is_probability_target, linear_cross_entropy_probs
+from crossent.nn import module_options, options_repr
 from crossent.ops import triton as triton_ops
 from crossent.ops.chunked import linear_cross_entropy_chunked
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
 _FN = "linear_cross_entropy"
-
-
-# --------------------------------------------------------------------------------------------
-# Validation (linear-cross-entropy specific; the shared pieces come from crossent._checks).
-
-
-def _check_shapes(
-    input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None
-) -> None:
-    if input.dim() < 1:
-        raise RuntimeError(
-            f"{_FN}: expected input with dimensionality 1 or more, (..., in_features), got "
-            f"{input.dim()} (shape {tuple(input.shape)})"
-        )
-    if linear_weight.dim() < 2:
-        raise RuntimeError(
-            f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}: "
-            f"{_FN} needs linear_weight of shape (num_classes, in_features), got "
-            f"{tuple(linear_weight.shape)}"
-        )
-    if linear_weight.dim() > 2:
-        raise NotImplementedError(
-            f"{_FN}: K-dimensional loss (linear_weight of shape (C, d1, ..., in_features)) is "
-            f"not supported by crossent; expected (num_classes, in_features), got "
-            f"{tuple(linear_weight.shape)}. torch.nn.functional.linear_cross_entropy supports it."
-        )
-    if input.shape[-1] != linear_weight.shape[-1]:
-        raise RuntimeError(
-            "expected equal input and linear_weight last dimensions (in_features), got "
-            f"{input.shape[-1]} and {linear_weight.shape[-1]}, respectively (input shape "
-            f"{tuple(input.shape)}, linear_weight shape {tuple(linear_weight.shape)})"
-        )
-    n_classes = linear_weight.shape[0]
-    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes,):
-        raise RuntimeError(
-            f"expected linear_bias shape {(n_classes,)}, got {tuple(linear_bias.shape)}: the "
-            f"bias holds one value per class of linear_weight {tuple(linear_weight.shape)}"
-        )
-    expected = tuple(input.shape[:-1])
-    _checks.check_index_target_dtype(target)
-    if input.dim() == 1:
-        # Unbatched (in_features,): torch accepts a 0-d target, or a 1-D target of size 1.
-        if target.dim() == 1 and target.shape[0] != 1:
-            raise ValueError(
-                f"For 1D input, 1D target must have size 1, but got target size: "
-                f"{target.shape[0]} (input shape {tuple(input.shape)})"
-            )
-        if target.dim() > 1:
-            raise RuntimeError(
-                "0D or 1D target tensor expected, multi-target not supported (input shape "
-                f"{tuple(input.shape)}: expected a 0-d target, got shape {tuple(target.shape)})"
-            )
-        return
-    if tuple(target.shape) != expected:
-        message = (
-            f"expected target of shape input.shape[:-1] = {expected} (input shape "
-            f"{tuple(input.shape)}), got {tuple(target.shape)}"
-        )
-        if target.dim() > len(expected):
-            raise RuntimeError(
-                f"0D or 1D target tensor expected, multi-target not supported: {message}"
-            )
-        batch = target.shape[0] if target.dim() > 0 else 0
-        if batch != input.shape[0]:
-            raise ValueError(
-                f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
-                f"({batch}): {message}"
-            )
-        raise ValueError(f"target shape mismatch: {message}")
-
-
-def _check_dtypes(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> None:
-    _checks.check_floating(input, _FN)
-    if linear_weight.dtype != input.dtype:
-        raise RuntimeError(
-            f"expected m1 and m2 to have the same dtype, but got: {_short(input.dtype)} != "
-            f"{_short(linear_weight.dtype)}: linear_weight must have the input's dtype "
-            f"({_short(input.dtype)}), got {_short(linear_weight.dtype)}"
-        )
-    if linear_bias is not None and linear_bias.dtype != input.dtype:
-        raise RuntimeError(
-            f"self and mat2 must have the same dtype, but got "
-            f"{_checks.scalar_type_name(linear_bias.dtype)} and "
-            f"{_checks.scalar_type_name(input.dtype)}: linear_bias must have the input's dtype "
-            f"({_short(input.dtype)}), got {_short(linear_bias.dtype)}"
-        )
-
-
-def _short(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _check_softcap(softcap: object) -> float | None:
-    if softcap is None:
-        return None
-    if isinstance(softcap, bool) or not isinstance(softcap, Real):
-        raise TypeError(
-            f"{_FN}: softcap must be None or a real number, got {type(softcap).__name__}"
-        )
-    if not (math.isfinite(softcap) and softcap > 0):
-        raise ValueError(
-            f"{_FN}: softcap must be None or a finite number > 0 (logits become "
-            f"softcap * tanh(logits / softcap)), got {softcap}"
-        )
-    return float(softcap)
+# The module's options, passed to linear_cross_entropy as they are named there.
+_MODULE_OPTIONS = (
+    "reduction", "ignore_index", "label_smoothing", "z_loss", "softcap", "chunk_size"
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +111,10 @@ def linear_cross_entropy(
         NotImplementedError: integer input, K-dimensional weights, z-loss or soft-cap with
             probability targets.
     """
+    given = dict(
+        linear_bias=linear_bias, weight=weight, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
+    )  # fmt: skip
     if has_torch_function_variadic(input, linear_weight, target, linear_bias, weight):
         return handle_torch_function(
             linear_cross_entropy,
@@ -219,40 +122,23 @@ def linear_cross_entropy(
             input,
             linear_weight,
             target,
-            linear_bias=linear_bias,
-            weight=weight,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            chunk_size=chunk_size,
+            **given,
         )
+    if _dtensor.involved(input, linear_weight, target, linear_bias, weight):
+        return _dtensor.linear_cross_entropy(input, linear_weight, target, **given)
     if is_probability_target(input, linear_weight, target):
         # Class probabilities, shape (..., V): the soft-target pass (crossent.linear_probs).
-        return linear_cross_entropy_probs(
-            input,
-            linear_weight,
-            target,
-            linear_bias=linear_bias,
-            weight=weight,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            chunk_size=chunk_size,
-        )
+        return linear_cross_entropy_probs(input, linear_weight, target, **given)
     reduction = _checks.check_reduction(reduction)
-    ignore_index = -100 if ignore_index is None else _checks.check_ignore_index(ignore_index, _FN)
-    _check_shapes(input, linear_weight, target, linear_bias)
-    _check_dtypes(input, linear_weight, linear_bias)
+    ignore_index = _checks.check_linear_ignore_index(ignore_index, _FN)
+    _checks.check_linear_shapes(input, linear_weight, target, linear_bias, _FN)
+    _checks.check_linear_dtypes(input, linear_weight, linear_bias, _FN)
     n_classes = linear_weight.shape[0]
     _checks.check_class_weight(weight, n_classes, input.dtype)
     _checks.check_not_differentiable(_FN, "weight", weight)
     label_smoothing = _checks.check_label_smoothing(label_smoothing)
     z_loss = _checks.check_z_loss(z_loss, _FN)
-    softcap = _check_softcap(softcap)
+    softcap = _checks.check_softcap(softcap, _FN)
     chunk_size = _checks.check_chunk_size(chunk_size, _FN)
     _checks.check_target_range(target, n_classes, ignore_index)
 
@@ -338,7 +224,7 @@ class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
             label_smoothing=label_smoothing,
         )
         self.z_loss = _checks.check_z_loss(z_loss, _FN)
-        self.softcap = _check_softcap(softcap)
+        self.softcap = _checks.check_softcap(softcap, _FN)
         self.chunk_size = _checks.check_chunk_size(chunk_size, _FN)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -349,18 +235,11 @@ class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
             target,
             linear_bias=self.linear.bias,
             weight=self.weight,
-            reduction=self.reduction,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
-            chunk_size=self.chunk_size,
+            **module_options(self, _MODULE_OPTIONS),
         )
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
-            f"bias={self.linear.bias is not None}, reduction={self.reduction}, "
-            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-            f"z_loss={self.z_loss}, softcap={self.softcap}, chunk_size={self.chunk_size}"
+            f"bias={self.linear.bias is not None}, " + options_repr(self, _MODULE_OPTIONS)
         )

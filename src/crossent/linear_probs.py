@@ -13,50 +13,9 @@ from torch import Tensor
 from crossent import _checks
 from crossent.ops.soft_chunked import linear_cross_entropy_probs_chunked
 
-__all__ = ["check_linear_head", "is_probability_target", "linear_cross_entropy_probs"]
+__all__ = ["is_probability_target", "linear_cross_entropy_probs"]
 
 _FN = "linear_cross_entropy"
-
-
-def check_linear_head(
-    input: Tensor, weight: Tensor, bias: Tensor | None, fn: str, names: tuple[str, str, str]
-) -> None:
-    """A head ``input (..., D) @ weight (V, D).T + bias (V,)``: dims, shapes and dtypes.
-
-    Raises ``RuntimeError`` (as ``F.linear``) for mismatched shapes or dtypes and
-    ``NotImplementedError`` (as torch's kernels) for integer input. ``names`` are the
-    arguments' names for the messages.
-    """
-    x_name, w_name, b_name = names
-    if input.dim() < 1:
-        raise RuntimeError(
-            f"{fn}: expected {x_name} with dimensionality 1 or more, (..., in_features), got a "
-            f"0-d tensor"
-        )
-    if weight.dim() != 2:
-        raise RuntimeError(
-            f"{fn}: expected {w_name} of shape (num_classes, in_features), got "
-            f"{tuple(weight.shape)}"
-        )
-    if input.shape[-1] != weight.shape[1]:
-        raise RuntimeError(
-            f"{fn}: expected equal {x_name} and {w_name} last dimensions (in_features), got "
-            f"{input.shape[-1]} and {weight.shape[1]} ({x_name} shape {tuple(input.shape)}, "
-            f"{w_name} shape {tuple(weight.shape)})"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise RuntimeError(
-            f"{fn}: expected {b_name} of shape {(weight.shape[0],)} (one value per class of "
-            f"{w_name} {tuple(weight.shape)}), got {tuple(bias.shape)}"
-        )
-    _checks.check_floating(input, fn)
-    for name, t in ((w_name, weight), (b_name, bias)):
-        if t is not None and t.dtype != input.dtype:
-            raise RuntimeError(
-                f"{fn}: expected {name} to have {x_name}'s dtype "
-                f"({_checks.scalar_type_name(input.dtype)}), got "
-                f"{_checks.scalar_type_name(t.dtype)}"
-            )
 
 
 def is_probability_target(input: Tensor, linear_weight: Tensor, target: Tensor) -> bool:
@@ -104,24 +63,16 @@ def linear_cross_entropy_probs(
             input.
     """
     reduction = _checks.check_reduction(reduction)
-    ignore_index = -100 if ignore_index is None else _checks.check_ignore_index(ignore_index, _FN)
-    if ignore_index >= 0:
-        raise RuntimeError(
-            "ignore_index is not supported for floating point target (probability targets "
-            f"ignore nothing; got ignore_index={ignore_index}, expected a negative value)"
-        )
-    check_linear_head(
+    ignore_index = _checks.check_linear_ignore_index(ignore_index, _FN)
+    _checks.check_probability_ignore_index(ignore_index)
+    _checks.check_linear_head(
         input, linear_weight, linear_bias, _FN, ("input", "linear_weight", "linear_bias")
     )
     n_classes = linear_weight.shape[0]
     _checks.check_class_weight(weight, n_classes, input.dtype, prefix=f"{_FN}: ")
     _checks.check_not_differentiable(_FN, "weight", weight)
     label_smoothing = _checks.check_label_smoothing(label_smoothing)
-    if _checks.check_z_loss(z_loss, _FN) > 0 or softcap is not None:
-        raise NotImplementedError(
-            f"{_FN}: z_loss and softcap are not supported with class-probability targets "
-            f"(got z_loss={z_loss}, softcap={softcap}); use them with class-index targets"
-        )
+    _checks.check_probability_target_options(z_loss, softcap, _FN)
     chunk_size = _checks.check_chunk_size(chunk_size, _FN)
 
     x2d = input.reshape(-1, input.shape[-1])  # (N, D)

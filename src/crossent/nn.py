@@ -58,6 +58,16 @@ class NLLLoss(torch.nn.NLLLoss):
         )  # fmt: skip
 
 
+def module_options(module: torch.nn.Module, names: tuple[str, ...]) -> dict[str, object]:
+    """The options a loss module holds, by the names its functional form takes them under."""
+    return {name: getattr(module, name) for name in names}
+
+
+def options_repr(module: torch.nn.Module, names: tuple[str, ...]) -> str:
+    """``name=value, ...`` of a loss module's options, for ``extra_repr``."""
+    return ", ".join(f"{name}={getattr(module, name)}" for name in names)
+
+
 def __getattr__(name: str):
     if name == "LinearCrossEntropyLoss":
         from crossent.linear import LinearCrossEntropyLoss
