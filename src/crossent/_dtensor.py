@@ -1,0 +1,521 @@
+"""DTensor arguments of the drop-in losses: torch's layouts, crossent's exact arithmetic.
+
+The public functions of ``crossent.functional`` and ``crossent.linear`` hand their arguments
+here when one of them is a ``torch.distributed.tensor.DTensor`` (:func:`involved`; a process
+that never imported ``torch.distributed.tensor`` holds no DTensor, so the check costs one
+dictionary look-up and imports nothing). The layout of the arguments picks the route:
+
+* **Logits sharded on the class dimension** (``Shard(1)``, or ``Shard(0)`` for unbatched
+  logits, on a one-dimensional mesh; class-index target and class weight replicated or plain):
+  ``cross_entropy`` runs :func:`crossent.distributed.vocab_parallel_cross_entropy` on
+  ``logits.to_local()`` over the mesh's process group: O(N) communication, the logits are never
+  gathered, every option exact (class weight, ``ignore_index`` including every target
+  ignored, label smoothing, each reduction). The same route is taken with or without torch's
+  ``loss_parallel()`` context: the values are those torch gives without it (where torch
+  gathers the logits), the result is a ``Replicate()`` DTensor as torch returns in both cases,
+  and no private flag of torch is read. ``nll_loss`` on class-sharded log-probabilities picks
+  each target's log-probability on the rank that holds it and sums the rows over the mesh (a
+  ``Partial`` DTensor redistributed to ``Replicate``). The gradient w.r.t. the logits is a
+  DTensor with the logits' placements (torch without ``loss_parallel()`` returns it
+  replicated).
+* **Replicated arguments** (every mesh dimension ``Replicate``; plain tensors count as
+  replicated, which torch refuses with "mixed torch.Tensor and DTensor"): crossent's loss on
+  the local tensors, returned as a ``Replicate()`` DTensor.
+* **Batch-sharded arguments** (one-dimensional mesh, ``Shard(d)`` on a dimension other than
+  the class dimension, the target a DTensor sharded on the matching dimension; the binary
+  losses accept any ``Shard(d)``): crossent's loss on the local shards. ``'none'`` gives the
+  target's placement, ``'sum'`` a ``Partial()`` DTensor, as torch. ``'mean'`` divides the local
+  sum by the global denominator (Σ of the kept rows' class weights, all-reduced; or the global
+  element count) and returns a ``Partial()`` DTensor: torch returns ``Partial(avg)`` of the
+  local means, which is wrong when the shards differ in size or in total class weight (torch
+  raises for uneven shards of ``nll_loss``, and silently averages otherwise).
+* **Everything else** (multi-dimensional meshes with a sharded dimension, probability targets
+  on class-sharded logits, partial placements, a plain target beside sharded logits, ...):
+  the call goes to ``torch.nn.functional`` unchanged, so it behaves exactly as torch's does,
+  errors included.
+
+``linear_cross_entropy`` with the classifier a DTensor sharded on the vocabulary (``Shard(0)``
+on a one-dimensional mesh, the bias ``Shard(0)`` or absent) and the input a replicated DTensor
+or a plain tensor identical on every rank runs
+:func:`crossent.distributed.vocab_parallel_linear_cross_entropy` on the local shards; the
+gradients w.r.t. the classifier and bias are DTensors with their placements, that w.r.t. the
+input is replicated. Uneven vocabularies (V not divisible by the mesh size) follow DTensor's
+``torch.chunk`` layout, which the vocab-parallel losses accept. Every rank must hold the same
+input and target: one small all-reduce compares fingerprints of the input (the vocab-parallel
+checks compare the targets) and every rank raises ``ValueError`` together when they differ.
+
+A parameter of a ``fully_shard``-ed module used outside the module's forward is such a
+DTensor (FSDP2 shards parameters on dim 0 over its mesh). It is treated as the vocabulary
+shard it is: with the same input on every rank, the loss is exact and the gradient lands in
+``param.grad`` as a DTensor with the parameter's placement, so an optimizer step matches the
+unsharded model's. With rank-local data (data parallelism), the inputs differ and the call
+raises a ``ValueError`` telling to compute the loss inside the module's forward, or to gather
+the weight with ``module.unshard()`` first. Replicated classifiers compute locally; other
+layouts raise ``NotImplementedError`` (torch's ``F.linear_cross_entropy`` takes no DTensor
+classifier either).
+
+Per option, on 2 ranks (gloo, float64; ``tests/test_dtensor.py``)::
+
+    call                                   crossent                     torch 2.13
+    CE, class-sharded, loss_parallel()     exact, Replicate             Replicate
+    CE, class-sharded, no loss_parallel    exact, Replicate (no gather) Replicate (gathers)
+      + label_smoothing, loss_parallel()   exact                        raises (mixed Tensor)
+      + weight & ignored targets, l_p()    exact                        raises IndexError -100
+      + plain weight, no loss_parallel     exact                        raises (mixed Tensor)
+      + probability target                 torch's call (Partial(sum))  Partial(sum)
+    NLL, class-sharded                     exact, Replicate             Replicate
+    CE/NLL/BCE, replicated                 exact, Replicate             Replicate (DTensor
+                                                                        target/weight only)
+    CE/NLL/BCE, batch-sharded 'none'       exact, Shard(d)              Shard(d)
+      'sum'                                exact, Partial(sum)          Partial(sum)
+      'mean'                               exact, Partial(sum)          Partial(avg): wrong
+                                                                        for uneven shards or
+                                                                        class weights
+    linear CE, Shard(0) classifier         exact, grads Shard(0)        raises (mixed Tensor)
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "involved",
+    "linear_cross_entropy",
+    "nll_loss",
+]
+
+_MODULE = "torch.distributed.tensor"
+
+
+def _dtensor_class() -> type | None:
+    """``DTensor`` if ``torch.distributed.tensor`` was imported (no DTensor exists otherwise)."""
+    module = sys.modules.get(_MODULE)
+    return None if module is None else getattr(module, "DTensor", None)
+
+
+def involved(*tensors: object) -> bool:
+    """Whether one of ``tensors`` is a DTensor; imports nothing."""
+    cls = _dtensor_class()
+    return cls is not None and any(isinstance(t, cls) for t in tensors)
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts.
+
+
+def _is_dtensor(t: object) -> bool:
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def _replicated(t: object, mesh=None) -> bool:
+    """None, a plain tensor, or a DTensor replicated on every dimension of ``mesh``."""
+    if not _is_dtensor(t):
+        return True
+    return (mesh is None or t.device_mesh == mesh) and all(p.is_replicate() for p in t.placements)
+
+
+def _local(t):
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _shard_dim(t) -> int | None:
+    """``d`` when ``t`` is a DTensor on a one-dimensional mesh with placement ``Shard(d)``."""
+    if not _is_dtensor(t) or t.device_mesh.ndim != 1 or not t.placements[0].is_shard():
+        return None
+    return t.placements[0].dim % max(t.dim(), 1)
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, step = [], 1
+    for size in reversed(shape):
+        stride.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+def _wrap(loss: Tensor, mesh, placements, shape: tuple[int, ...]):
+    from torch.distributed.tensor import DTensor
+
+    shape = tuple(shape)
+    return DTensor.from_local(
+        loss, mesh, placements, run_check=False, shape=torch.Size(shape),
+        stride=_contiguous_stride(shape),
+    )  # fmt: skip
+
+
+def _all_reduce_sum(value: Tensor, mesh) -> Tensor:
+    value = value.detach().clone()
+    torch.distributed.all_reduce(value, group=mesh.get_group())
+    return value
+
+
+def _batch_layout(input, target, target_dim_of) -> tuple | None:
+    """``(mesh, input_placements, output_placement_for_none)`` for replicated or batch-sharded
+    ``input``/``target``, else None. ``target_dim_of(d)`` maps a sharded input dimension to
+    the target's (None: not a batch dimension)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if not (_is_dtensor(input) or _is_dtensor(target)):
+        return None
+    mesh = (input if _is_dtensor(input) else target).device_mesh
+    if _replicated(input, mesh) and _replicated(target, mesh):
+        return mesh, "replicated", [Replicate()] * mesh.ndim
+    d = _shard_dim(input)
+    if d is None or not _is_dtensor(target) or target.device_mesh != mesh:
+        return None
+    td = target_dim_of(d)
+    if td is None or _shard_dim(target) != td:
+        return None
+    return mesh, "sharded", [Shard(td)]
+
+
+def _finish(loss, mesh, kind, none_placements, reduction, out_shape, denominator):
+    """Wrap a local loss: ``'none'`` as computed; ``'sum'``/``'mean'`` of sharded inputs as a
+    ``Partial()`` DTensor, the mean divided by ``denominator()`` (the global one)."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    if reduction == "none":
+        return _wrap(loss, mesh, none_placements, out_shape)
+    if kind == "replicated":
+        return _wrap(loss, mesh, [Replicate()] * mesh.ndim, ())
+    if reduction == "mean":
+        loss = loss / denominator().to(loss.dtype)
+    return _wrap(loss, mesh, [Partial()], ())
+
+
+def _reduction(size_average, reduce, reduction) -> str:
+    from crossent import _checks
+
+    return _checks.resolve_reduction(size_average, reduce, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Class-index losses.
+
+
+def _class_dim(input: Tensor) -> int:
+    return 1 if input.dim() >= 2 else 0
+
+
+def _index_target_dim(class_dim: int):
+    return lambda d: d if d < class_dim else (d - 1 if d > class_dim else None)
+
+
+def _index_denominator(target, weight, ignore_index: int, mesh, dtype):
+    from crossent.ops import _stats
+
+    def denominator() -> Tensor:
+        t = _local(target).reshape(-1)
+        keep = t != ignore_index
+        w = _local(weight)
+        w_t = None if w is None else _stats.target_weight(w, torch.where(keep, t, 0).long())
+        local = _stats.mean_denominator(keep, w_t, n_rows=t.numel(), dtype=dtype, device=t.device)
+        return _all_reduce_sum(local, mesh)
+
+    return denominator
+
+
+def _index_batch(fn, input, target, weight, ignore_index, reduction, **options):
+    class_dim = _class_dim(input)
+    layout = _batch_layout(input, target, _index_target_dim(class_dim))
+    if layout is None or not _replicated(weight, layout[0]):
+        return None
+    mesh, kind, none_placements = layout
+    local_reduction = "sum" if (kind == "sharded" and reduction == "mean") else reduction
+    loss = fn(
+        _local(input), _local(target), _local(weight), ignore_index=ignore_index,
+        reduction=local_reduction, **options,
+    )  # fmt: skip
+    dtype = loss.dtype
+    denominator = _index_denominator(target, weight, ignore_index, mesh, dtype)
+    return _finish(loss, mesh, kind, none_placements, reduction, target.shape, denominator)
+
+
+def _class_sharded(input, target, weight) -> bool:
+    """Logits sharded on the class dimension of a 1-D mesh, index target and weight replicated."""
+    if _shard_dim(input) != _class_dim(input) or input.shape == target.shape:
+        return False
+    mesh = input.device_mesh
+    return _replicated(target, mesh) and _replicated(weight, mesh)
+
+
+def cross_entropy(
+    input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+    reduction="mean", label_smoothing=0.0,
+):  # fmt: skip
+    """``crossent.cross_entropy`` with a DTensor argument (see the module docstring)."""
+    from crossent import _checks, functional
+
+    red = _reduction(size_average, reduce, reduction)
+    if _is_dtensor(input) and _class_sharded(input, target, weight):
+        from torch.distributed.tensor import Replicate
+
+        from crossent.distributed import vocab_parallel_cross_entropy
+
+        ignore = _checks.check_ignore_index(ignore_index, "cross_entropy_loss")
+        shard = input.to_local().movedim(_class_dim(input), -1)
+        mesh = input.device_mesh
+        loss = vocab_parallel_cross_entropy(
+            shard, _local(target), group=mesh.get_group(), weight=_local(weight),
+            ignore_index=ignore, label_smoothing=label_smoothing, reduction=red,
+        )  # fmt: skip
+        return _wrap(loss, mesh, [Replicate()], loss.shape)
+    if input.shape == target.shape and input.dim() >= 1:
+        result = _probability_batch(
+            functional.cross_entropy, input, target, weight, red, ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+        )  # fmt: skip
+    else:
+        result = _index_batch(
+            functional.cross_entropy, input, target, weight, ignore_index, red,
+            label_smoothing=label_smoothing,
+        )  # fmt: skip
+    if result is not None:
+        return result
+    return F.cross_entropy(
+        input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+    )
+
+
+def _probability_batch(fn, input, target, weight, reduction, **options):
+    class_dim = _class_dim(input)
+    layout = _batch_layout(input, target, lambda d: d if d != class_dim else None)
+    if layout is None or not _replicated(weight, layout[0]):
+        return None
+    mesh, kind, placements = layout
+    if kind == "sharded":
+        from torch.distributed.tensor import Shard
+
+        d = placements[0].dim
+        placements = [Shard(d if d < class_dim else d - 1)]
+    local_reduction = "sum" if (kind == "sharded" and reduction == "mean") else reduction
+    loss = fn(_local(input), _local(target), _local(weight), reduction=local_reduction, **options)
+    out_shape = tuple(s for i, s in enumerate(input.shape) if i != class_dim)
+    rows = torch.tensor(float(math.prod(out_shape)), dtype=torch.float64)
+    return _finish(loss, mesh, kind, placements, reduction, out_shape, lambda: rows)
+
+
+def nll_loss(
+    input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+    reduction="mean",
+):  # fmt: skip
+    """``crossent.nll_loss`` with a DTensor argument (see the module docstring)."""
+    from crossent import functional
+
+    red = _reduction(size_average, reduce, reduction)
+    if _is_dtensor(input) and _class_sharded(input, target, weight):
+        result = _nll_class_sharded(input, target, weight, ignore_index, red)
+    else:
+        result = _index_batch(functional.nll_loss, input, target, weight, ignore_index, red)
+    if result is not None:
+        return result
+    return F.nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction)
+
+
+def _chunk_bounds(size: int, parts: int, index: int) -> tuple[int, int]:
+    """``[lo, hi)`` of part ``index`` of ``torch.chunk`` (DTensor's ``Shard`` layout)."""
+    step = -(-size // parts) if size else 0
+    lo = min(index * step, size)
+    return lo, min(lo + step, size)
+
+
+def _nll_class_sharded(input, target, weight, ignore_index, reduction):
+    from torch.distributed.tensor import Partial, Replicate
+
+    from crossent import _checks
+    from crossent.ops import _stats
+
+    ignore = _checks.check_ignore_index(ignore_index, "nll_loss_nd")
+    mesh, class_dim = input.device_mesh, _class_dim(input)
+    n_classes = input.shape[class_dim]
+    lo, hi = _chunk_bounds(n_classes, mesh.size(), mesh.get_local_rank())
+    local = input.to_local().movedim(class_dim, -1)
+    t, w = _local(target), _local(weight)
+    if local.shape[-1] != hi - lo or tuple(t.shape) != tuple(local.shape[:-1]):
+        return None  # not torch.chunk's layout, or a shape torch will word the error for
+    _checks.check_index_target_dtype(t)
+    _checks.check_class_weight(w, n_classes, input.dtype)
+    _checks.check_target_range(t, n_classes, ignore)
+    t = t.long()
+    keep = t != ignore
+    mine = keep & (t >= lo) & (t < hi)
+    if hi > lo:
+        index = (t - lo).clamp(0, hi - lo - 1).unsqueeze(-1)
+        picked = torch.where(mine, -local.gather(-1, index).squeeze(-1), 0.0)
+    else:
+        picked = local.sum(-1) * 0.0
+    safe = torch.where(keep, t, 0)
+    w_t = None if w is None else w[safe]
+    if w_t is not None:
+        picked = picked * w_t
+    rows = _wrap(picked, mesh, [Partial()], t.shape).redistribute(mesh, [Replicate()])
+    rows = rows.to_local()
+    if reduction == "none":
+        loss = rows
+    else:
+        loss = rows.sum()
+        if reduction == "mean":
+            keep_flat = keep.reshape(-1)
+            w_flat = None if w_t is None else w_t.reshape(-1)
+            loss = loss / _stats.mean_denominator(
+                keep_flat, w_flat, n_rows=t.numel(), dtype=loss.dtype, device=loss.device
+            )
+    return _wrap(loss, mesh, [Replicate()], loss.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Binary losses (elementwise: any Shard(d) is a batch layout).
+
+
+def _binary_batch(fn, input, target, reduction, broadcast, **options):
+    layout = _batch_layout(input, target, lambda d: d)
+    if layout is None:
+        return None
+    mesh, kind, placements = layout
+    for extra in broadcast:
+        if not _replicated(extra, mesh):
+            return None
+        if kind == "sharded" and extra is not None:
+            # a weight that varies along the sharded dimension would need slicing
+            d, offset = placements[0].dim, input.dim() - extra.dim()
+            if d >= offset and extra.shape[d - offset] != 1:
+                return None
+    local_reduction = "sum" if (kind == "sharded" and reduction == "mean") else reduction
+    local_options = {k: _local(v) for k, v in options.items()}
+    loss = fn(_local(input), _local(target), reduction=local_reduction, **local_options)
+    count = torch.tensor(float(input.numel()), dtype=torch.float64)
+    return _finish(loss, mesh, kind, placements, reduction, input.shape, lambda: count)
+
+
+def binary_cross_entropy(
+    input, target, weight=None, size_average=None, reduce=None, reduction="mean"
+):
+    """``crossent.binary_cross_entropy`` with a DTensor argument (see the module docstring)."""
+    from crossent import functional
+
+    red = _reduction(size_average, reduce, reduction)
+    result = _binary_batch(functional.binary_cross_entropy, input, target, red, (weight,),
+                           weight=weight)  # fmt: skip
+    if result is not None:
+        return result
+    return F.binary_cross_entropy(input, target, weight, size_average, reduce, reduction)
+
+
+def binary_cross_entropy_with_logits(
+    input, target, weight=None, size_average=None, reduce=None, reduction="mean",
+    pos_weight=None,
+):  # fmt: skip
+    """``crossent.binary_cross_entropy_with_logits`` with a DTensor argument (module
+    docstring)."""
+    from crossent import functional
+
+    red = _reduction(size_average, reduce, reduction)
+    result = _binary_batch(
+        functional.binary_cross_entropy_with_logits, input, target, red, (weight, pos_weight),
+        weight=weight, pos_weight=pos_weight,
+    )  # fmt: skip
+    if result is not None:
+        return result
+    return F.binary_cross_entropy_with_logits(
+        input, target, weight, size_average, reduce, reduction, pos_weight
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Linear cross entropy.
+
+_SAME_INPUT = (
+    "linear_cross_entropy with a classifier sharded on the vocabulary (a DTensor with "
+    "placement Shard(0): a tensor-parallel lm_head, or the parameter of a fully_shard-ed module "
+    "used outside the module's forward) needs the same input and target on every rank of its "
+    "mesh, but the inputs differ across ranks. With FSDP2, compute the loss inside the "
+    "module's forward (where FSDP gathers the weight), or gather it first with "
+    "module.unshard()."
+)
+
+
+_LINEAR_NAMES = ("input", "linear_weight", "target", "linear_bias", "weight")
+
+
+def _check_same_everywhere(input: Tensor, mesh) -> None:
+    """Raise on every rank when ``input`` differs across the mesh (one small all-reduce)."""
+    values = torch.nan_to_num(input.detach().reshape(-1).double(), nan=1.5, posinf=2.5,
+                              neginf=-2.5)  # fmt: skip
+    position = torch.arange(values.numel(), dtype=torch.float64, device=values.device)
+    position = position.remainder(65521) + 1
+    fingerprint = torch.stack(
+        [values.sum(), (values * position).sum(), torch.tensor(values.numel() + 0.0)]
+    )
+    both = torch.cat([fingerprint, -fingerprint])
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX, group=mesh.get_group())
+    if not torch.equal(both[:3], -both[3:]):
+        raise ValueError(_SAME_INPUT)
+
+
+def linear_cross_entropy(
+    input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
+    ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None,
+):  # fmt: skip
+    """``crossent.linear_cross_entropy`` with a DTensor argument (see the module docstring)."""
+    from torch.distributed.tensor import Replicate
+
+    from crossent import linear
+
+    options = dict(
+        weight=_local(weight), reduction=reduction,
+        ignore_index=-100 if ignore_index is None else ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, chunk_size=chunk_size,
+    )  # fmt: skip
+    vocab_sharded = _shard_dim(linear_weight) == 0 and linear_weight.dim() == 2
+    if vocab_sharded:
+        mesh = linear_weight.device_mesh
+        bias_ok = linear_bias is None or (
+            _shard_dim(linear_bias) == 0 and linear_bias.device_mesh == mesh
+        )
+        index_target = not (
+            isinstance(target, Tensor) and target.is_floating_point()
+        )  # probability targets are not vocab-parallel
+        if (
+            bias_ok
+            and index_target
+            and softcap is None
+            and all(_replicated(t, mesh) for t in (input, target, weight))
+        ):
+            from crossent.distributed import vocab_parallel_linear_cross_entropy
+
+            if not _is_dtensor(input):
+                _check_same_everywhere(input, mesh)
+            loss = vocab_parallel_linear_cross_entropy(
+                _local(input), linear_weight.to_local(), _local(target),
+                linear_bias_shard=_local(linear_bias), group=mesh.get_group(), **options,
+            )  # fmt: skip
+            return _wrap(loss, mesh, [Replicate()], loss.shape)
+    tensors = (input, linear_weight, target, linear_bias, weight)
+    meshes = {t.device_mesh for t in tensors if _is_dtensor(t)}
+    if len(meshes) == 1 and all(_replicated(t) for t in tensors):
+        (mesh,) = meshes
+        loss = linear.linear_cross_entropy(
+            _local(input), _local(linear_weight), _local(target),
+            linear_bias=_local(linear_bias), softcap=softcap, **options,
+        )  # fmt: skip
+        return _wrap(loss, mesh, [Replicate()] * mesh.ndim, loss.shape)
+    layouts = {
+        name: (tuple(t.placements) if _is_dtensor(t) else "plain tensor")
+        for name, t in zip(_LINEAR_NAMES, tensors, strict=True)
+        if t is not None
+    }
+    raise NotImplementedError(
+        "linear_cross_entropy supports DTensor arguments when linear_weight is sharded on the "
+        "vocabulary (Shard(0) on a one-dimensional mesh, linear_bias Shard(0) or None, class-"
+        "index target, no softcap) with input, target and weight replicated or plain, or when "
+        f"every argument is replicated; got {layouts}"
+    )
