@@ -69,6 +69,8 @@ def _full_problem(case: dict) -> dict:
     ignored = torch.rand(shape, generator=gen) < case.get("ignore_frac", 0.0)
     problem["target"] = torch.where(ignored, case.get("ignore_index", -100), target)
     weight = torch.rand(vocab, generator=gen, dtype=torch.float64) + 0.25
+    if case.get("zero_target_weights"):  # every target class weighs 0: 'mean' divides by 0
+        weight[target.reshape(-1)] = 0.0
     problem["weight"] = weight.to(dtype) if case.get("weighted") else None
     problem["upstream"] = torch.randn(shape, generator=gen, dtype=torch.float64) + 0.5
     return problem
@@ -550,6 +552,10 @@ def test_option_checks_name_the_function_called():
             {"ignore_frac": 1.0, "weighted": True, "label_smoothing": 0.1, "z_loss": 0.1},
             id="all-ignored-weighted-smoothed",
         ),  # fmt: skip
+        pytest.param(
+            {"weighted": True, "zero_target_weights": True, "label_smoothing": 0.1, "z_loss": 0.1},
+            id="target-weights-zero",
+        ),  # fmt: skip
         pytest.param({"shape": [0]}, id="empty-batch"),
         pytest.param({"shape": []}, id="unbatched"),
         pytest.param({"scale": 300.0}, id="large-logits"),
@@ -561,7 +567,9 @@ def test_option_checks_name_the_function_called():
 )
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_edge_cases(pools, extra, reduction):
-    """all ignored → NaN mean with zero gradients; empty batch; huge logits lose no digits."""
+    """all ignored → NaN mean with zero gradients; every target of class weight 0 → NaN mean
+    (torch's 0/0, whatever the smoothing and z-loss terms hold); empty batch; huge logits lose
+    no digits."""
     case = {"kind": "ce", "sizes": [4, 3], "shape": [6], "seed": 7, "reduction": reduction,
             **extra}  # fmt: skip
     _check_ce(pools(2).run(case), case)
