@@ -21,12 +21,13 @@ The math, per kept token i with logits ``z = x_i W^T + b`` (optionally soft-capp
 
 The conventions (the two terms, the row factor, the ``'mean'`` denominator ``Σ_kept w_t``,
 σ) are ``crossent.ops._stats``'s; chunk sizes are ``crossent.ops._budget``'s. Each chunk is one
-logits/lse step (:func:`_chunks`: matmul, softcap, in-place softmax, statistics) followed by the
-loss and the gradient steps (:class:`_Grads`). Without softcap the row factor ``σ_i·a_i`` and
-the sparse/rank-1 corrections are folded into the (B, D) operands of the matmuls, so the (B, V)
-chunk is touched only by the logits matmul, one in-place softmax (on the host; the log-sum-exp
-is read back from the target column) and the two gradient matmuls. With softcap the gradient
-is built densely in the chunk (the tanh derivative multiplies every element).
+logits/lse step (``crossent.ops._chunk_logits``: matmul, softcap, in-place softmax,
+statistics) followed by the loss and the gradient steps (:class:`_Grads`). Without softcap the
+row factor ``σ_i·a_i`` and the sparse/rank-1 corrections are folded into the (B, D) operands of
+the matmuls, so the (B, V) chunk is touched only by the logits matmul, one in-place softmax (on
+the host; the log-sum-exp is read back from the target column) and the two gradient matmuls.
+With softcap the gradient is built densely in the chunk (the tanh derivative multiplies every
+element).
 
 Autograd (``crossent.ops._chunking``): for ``'mean'``/``'sum'`` the forward computes the
 gradients chunk by chunk (they are the only thing the backward needs; it scales them by
@@ -38,13 +39,13 @@ refused with a RuntimeError.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from crossent.ops import _stats
 from crossent.ops._budget import CHUNK_BYTES, HOST_CHUNK_BYTES, ROWS_PER_THREAD, choose_chunk_rows
+from crossent.ops._chunk_logits import Chunk, ChunkedConfig, Head, chunks
 from crossent.ops._chunking import Rows, apply, select_rows
 from crossent.ops._chunking import on_host as _on_host
 
@@ -58,29 +59,8 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class ChunkedConfig:
-    """Options of one linear cross entropy call (validated by ``crossent.linear``).
-
-    Attributes:
-        reduction: ``'none'``, ``'mean'`` or ``'sum'``.
-        ignore_index: target value whose tokens are skipped.
-        label_smoothing: ε in [0, 1] (negative values already mapped to 0).
-        z_loss: ζ >= 0, coefficient of ``lse²``.
-        softcap: c > 0 or None.
-        chunk_size: rows per chunk, or None to size chunks (``crossent.ops._budget``).
-    """
-
-    reduction: str = "mean"
-    ignore_index: int = -100
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    softcap: float | None = None
-    chunk_size: int | None = None
-
-
 # --------------------------------------------------------------------------------------------
-# The tokens and the classifier of one call.
+# The tokens of one call.
 
 
 @dataclasses.dataclass
@@ -100,191 +80,6 @@ def _tokens(x: Tensor, target: Tensor, ignore_index: int) -> _Tokens:
     return _Tokens(rows.take(x), target, rows)
 
 
-@dataclasses.dataclass
-class _Head:
-    """The classifier and options of one call, in the accumulation dtype.
-
-    On CPU there is no mixed-dtype matmul (mm's out_dtype is CUDA-only), so low-precision
-    weights are upcast once: fp32 math, fp32 gradient accumulation, a cast at the very end.
-    """
-
-    weight: Tensor  # (V, D)
-    bias: Tensor | None  # (V,)
-    class_weight: Tensor | None  # (V,)
-    total: Tensor | float  # W = Σ_c w_c
-    cfg: ChunkedConfig
-    acc: torch.dtype
-    host: bool
-
-    @classmethod
-    def of(
-        cls,
-        linear_weight: Tensor,
-        linear_bias: Tensor | None,
-        class_weight: Tensor | None,
-        cfg: ChunkedConfig,
-        host: bool,
-    ) -> _Head:
-        acc = _stats.compute_dtype(linear_weight.dtype)
-        weight = linear_weight if linear_weight.dtype == acc else linear_weight.to(acc)
-        bias = None if linear_bias is None else linear_bias.to(acc)
-        cw = None if class_weight is None else class_weight.to(acc)
-        total = _stats.total_weight(cw, weight.shape[0])
-        return cls(weight, bias, cw, total, cfg, acc, host)
-
-    def options(self) -> dict:
-        """The keywords of ``crossent.ops._stats`` for this call."""
-        cfg = self.cfg
-        return dict(
-            n_classes=self.weight.shape[0], label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# The logits/lse step: one chunk of logits, turned into probabilities and statistics.
-
-
-@dataclasses.dataclass
-class _Chunk:
-    start: int
-    stop: int
-    x: Tensor  # (B, D) acc dtype, masked rows zeroed
-    target: Tensor  # (B,)
-    keep: Tensor | None  # (B,)
-    probs: Tensor  # (B, V) p = softmax(s); the gradient steps may overwrite it
-    lse: Tensor  # (B,)
-    target_logit: Tensor  # (B,) s_t
-    smooth: Tensor | None  # (B,) Σ_c w_c s_c (statistics relative to row_max = 0)
-    dcap: Tensor | None  # (B, V) 1 - tanh², the softcap derivative
-
-
-def _softmax_(logits: Tensor, target_col: Tensor, target_logit: Tensor, host: bool) -> Tensor:
-    """Overwrite ``logits`` (B, V) with its row softmax; return the row log-sum-exp (B,).
-
-    On the host the fused softmax kernel runs in place (each row is shifted, exponentiated,
-    summed and scaled while it sits in L2) and the log-sum-exp is read back from the target
-    column: ``lse = s_t - log p_t``. That is as accurate as torch's ``log_softmax`` (both carry
-    an absolute error of a few ulp of ``|s_t - max|``) as long as ``p_t`` is a normal number
-    with room to spare; rows where it is not (a loss above ~70 in float32, common with
-    large-scale logits) are flagged with NaN and read from their largest probability instead
-    by the caller (``_lse_from_row_max``). This saves the separate max pass over the chunk.
-    Elsewhere (accelerators) the max, exp, sum and scale run as separate in-place passes.
-    """
-    if host:
-        torch._softmax(logits, 1, False, out=logits)
-        p_t = logits.gather(1, target_col).squeeze(1)
-        lse = target_logit - p_t.log()
-        finfo = torch.finfo(logits.dtype)
-        return torch.where(p_t >= finfo.tiny / finfo.eps, lse, torch.nan)
-    row_max = logits.amax(1, keepdim=True)
-    logits.sub_(row_max).exp_()
-    sum_exp = logits.sum(1, keepdim=True)
-    logits.div_(sum_exp)
-    return (row_max + sum_exp.log_()).squeeze(1)
-
-
-def _lse_from_row_max(
-    probs: Tensor,
-    redo: Tensor,
-    x_c: Tensor,
-    weight_acc: Tensor,
-    bias_acc: Tensor | None,
-    cap: float | None,
-) -> Tensor:
-    """Log-sum-exp of the rows ``redo`` of a softmaxed chunk, read from their largest class.
-
-    The largest probability ``p_m = 1 / Σ_c exp(s_c - s_m)`` is at least ``1/V``, never
-    denormal, so ``lse = s_m - log p_m`` is exact to rounding (``log p_m`` is torch's
-    ``-log Σ exp(s - max)``). The logit ``s_m`` was overwritten by the softmax; it is recomputed
-    as one dot product per row (``B·D`` work instead of the chunk's ``B·V·D``). A row holding
-    NaN or ``+inf`` has NaN probabilities and gets a NaN ``lse``, as ``log_softmax`` gives.
-
-    Args:
-        probs: (B, V) the chunk after the softmax.
-        redo: (R,) rows to read.
-        x_c: (B, D) the chunk's hidden states in the accumulation dtype.
-        weight_acc, bias_acc, cap: the classifier and soft-cap of the call.
-
-    Returns:
-        (R,) the rows' log-sum-exp.
-    """
-    if 4 * redo.numel() >= probs.shape[0]:  # most rows: one pass over the chunk, no copy
-        p_max, col = probs.max(1)
-        p_max, col = p_max.index_select(0, redo), col.index_select(0, redo)
-    else:
-        p_max, col = probs.index_select(0, redo).max(1)
-    logit = (x_c.index_select(0, redo) * weight_acc.index_select(0, col)).sum(1)
-    if bias_acc is not None:
-        logit = logit + bias_acc.index_select(0, col)
-    if cap is not None:
-        logit = logit.div(cap).tanh_().mul_(cap)
-    return logit - p_max.log()
-
-
-def _chunks(tokens: _Tokens, head: _Head, *, smooth: bool, dcap: bool) -> Iterator[_Chunk]:
-    """The chunks of one sweep over the rows, each with its probabilities and statistics.
-
-    ``smooth``: compute the smoothing sum; ``dcap``: keep the softcap derivative (gradients
-    with softcap). The chunks share one (B, V) buffer (two with ``dcap``): each is valid until
-    the next is made.
-    """
-    x, target, keep = tokens.x, tokens.target, tokens.rows.keep
-    m = x.shape[0]
-    acc, cap = head.acc, head.cfg.softcap
-    v = head.weight.shape[0]
-    dcap = dcap and cap is not None
-    rows_per_chunk = choose_chunk_rows(
-        m,
-        v,
-        acc,
-        softcap=dcap,
-        chunk_size=head.cfg.chunk_size,
-        threads=torch.get_num_threads() if head.host else None,
-    )
-    buf = torch.empty((min(rows_per_chunk, m), v), dtype=acc, device=x.device)
-    dcap_buf = torch.empty_like(buf) if dcap else None
-    for start in range(0, m, rows_per_chunk):
-        stop = min(start + rows_per_chunk, m)
-        x_c = x[start:stop]
-        if x_c.dtype != acc:
-            x_c = x_c.to(acc)
-        keep_c = None if keep is None else keep[start:stop]
-        if keep_c is not None:
-            # Masked (ignored) rows enter the matmuls as zeros, so that NaN/inf in them cannot
-            # reach the weight gradient (0·NaN = NaN): an ignored token contributes nothing,
-            # as on the host, where it is dropped before the matmul.
-            x_c = torch.where(keep_c.unsqueeze(1), x_c, 0.0)
-        t_c = target[start:stop]
-        t_col = t_c.unsqueeze(1)
-        logits = buf[: stop - start]  # (B, V)
-        if head.bias is None:
-            torch.mm(x_c, head.weight.T, out=logits)
-        else:
-            torch.addmm(head.bias, x_c, head.weight.T, out=logits)
-        dcap_c = None
-        if cap is not None:
-            logits.div_(cap).tanh_()
-            if dcap_buf is not None:
-                dcap_c = dcap_buf[: stop - start]
-                torch.mul(logits, logits, out=dcap_c)
-                dcap_c.neg_().add_(1.0)  # d(c·tanh(z/c))/dz = 1 - tanh²
-            logits.mul_(cap)
-
-        s_t = logits.gather(1, t_col).squeeze(1)  # (B,) target logit
-        smooth_c = None
-        if smooth:
-            cw = head.class_weight
-            smooth_c = logits.sum(1) if cw is None else logits @ cw  # Σ_c w_c s_c
-        lse = _softmax_(logits, t_col, s_t, head.host)  # logits now holds p = softmax(s)
-        if head.host:
-            redo = torch.isnan(lse).nonzero().squeeze(1)
-            if redo.numel():
-                # p_t too small to read lse from (or NaN/inf input): read the largest class.
-                exact = _lse_from_row_max(logits, redo, x_c, head.weight, head.bias, cap)
-                lse = lse.index_copy(0, redo, exact)
-        yield _Chunk(start, stop, x_c, t_c, keep_c, logits, lse, s_t, smooth_c, dcap_c)
-
-
 # --------------------------------------------------------------------------------------------
 # The gradient steps.
 
@@ -299,7 +94,7 @@ class _Grads:
     every element).
     """
 
-    def __init__(self, tokens: _Tokens, head: _Head, needs: tuple[bool, bool, bool]) -> None:
+    def __init__(self, tokens: _Tokens, head: Head, needs: tuple[bool, bool, bool]) -> None:
         m, d = tokens.x.shape
         v = head.weight.shape[0]
         acc, device = head.acc, tokens.x.device
@@ -322,7 +117,7 @@ class _Grads:
             self.sum_sigma = torch.zeros((), dtype=acc, device=device)
             self.smooth_dir = (w_vec @ head.weight) if needs[0] else None  # (D,) = wᵀW
 
-    def add(self, c: _Chunk, sig: Tensor) -> None:
+    def add(self, c: Chunk, sig: Tensor) -> None:
         """Add the chunk's gradients, with per-row scale ``sig`` (B,); overwrites ``c.probs``."""
         head, eps = self.head, self.eps
         v = head.weight.shape[0]
@@ -387,7 +182,7 @@ class _Grads:
 
 def _chunked_pass(
     tokens: _Tokens,
-    head: _Head,
+    head: Head,
     *,
     sigma: Tensor | None = None,
     needs: tuple[bool, bool, bool] = (False, False, False),
@@ -411,7 +206,20 @@ def _chunked_pass(
         if eps > 0 or head.cfg.z_loss > 0:
             extra = torch.zeros_like(main)
     if m > 0 and (want_loss or grads is not None):
-        for c in _chunks(tokens, head, smooth=want_loss and eps > 0, dcap=grads is not None):
+        dcap = grads is not None and head.cfg.softcap is not None
+        rows_per_chunk = choose_chunk_rows(
+            m,
+            head.weight.shape[0],
+            head.acc,
+            softcap=dcap,
+            chunk_size=head.cfg.chunk_size,
+            threads=torch.get_num_threads() if head.host else None,
+        )
+        sweep = chunks(
+            tokens.x, tokens.target, tokens.rows.keep, head, rows_per_chunk,
+            smooth=want_loss and eps > 0, dcap=dcap,
+        )  # fmt: skip
+        for c in sweep:
             if want_loss:
                 nll, smooth_nll = _stats.nll_from_stats(c.lse, c.target_logit, c.smooth, head.total)
                 w_t = _stats.target_weight(head.class_weight, c.target)
@@ -451,7 +259,7 @@ class _LinearProblem:
         x, linear_weight, linear_bias, target, class_weight = inputs
         cfg, acc = self.cfg, self.acc
         tokens = _tokens(x, target, cfg.ignore_index)
-        head = _Head.of(linear_weight, linear_bias, class_weight, cfg, _on_host(x))
+        head = Head.of(linear_weight, linear_bias, class_weight, cfg, _on_host(x))
         keep, m = tokens.rows.keep, tokens.x.shape[0]
         denom = None
         if cfg.reduction == "mean":
