@@ -425,17 +425,20 @@ EXPLAIN_EXAMPLES = {
 
 
 def test_every_registered_loss_carries_its_explanation(capsys):
+    from crossent.cli import _losses
     from crossent.cli._losses import LOSSES, LossSpec
 
     assert set(LOSSES) == set(EXPLAIN_EXAMPLES) == set(FUNCTIONS)
+    kinds = {_losses.SAME_SHAPE, _losses.CLASS_INDICES, _losses.INDICES_OR_PROBS}
     for command, spec in LOSSES.items():
+        assert spec.targets in kinds, command
         assert callable(spec.explain), command
         data = run_json(["loss", command, *EXPLAIN_EXAMPLES[command], "--explain"], capsys)
         assert data["explain"]["steps"], command
         assert close(data["explain"]["total"], data["loss"]), command
     # A loss cannot be registered without its explanation.
     with pytest.raises(TypeError, match="explain"):
-        LossSpec("focal", "focal_loss", "focal loss", "logits", "targets", "weight", ())
+        LossSpec("focal", "focal_loss", "focal", "x", "y", "w", (), _losses.SAME_SHAPE, "")
 
 
 def test_explain_raises_for_an_unregistered_loss():

@@ -96,20 +96,13 @@ examples:
   crossent loss {cmd} {example} --explain
 """
 
-_EXAMPLES = {
-    "bce": "--input 0.344,0.7944,0.8919 --target 0.1639,0.4745,0.1537",
-    "bce-logits": "--input -0.231,1.423,0.6642 --target 1,1,0 --pos-weight 2",
-    "ce": "--input '1.2,-0.5,0.3;0.1,0.4,-0.2' --target 1,0 --label-smoothing 0.1",
-    "nll": "--input '-0.5,-1.2,-2.3;-1.6,-0.4,-1.9' --target 0,1",
-}
-
 
 def _add_loss_parser(subparsers: argparse._SubParsersAction, spec: LossSpec) -> None:
     p = subparsers.add_parser(
         spec.command,
         help=spec.title,
         description=f"{spec.title.capitalize()}, computed by crossent.functional.{spec.function}.",
-        epilog=_LOSS_EPILOG.format(cmd=spec.command, example=_EXAMPLES[spec.command]),
+        epilog=_LOSS_EPILOG.format(cmd=spec.command, example=spec.example),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--input", required=True, metavar="VALUES", help=spec.input_help)

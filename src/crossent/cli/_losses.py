@@ -28,12 +28,19 @@ class LossError(Exception):
     """The library rejected the arguments (its message says why): exit status 1."""
 
 
+# What a loss's target holds (LossSpec.targets), which decides how the CLI reads it.
+SAME_SHAPE = "same shape"  # one target per input element (BCE): the input's shape
+CLASS_INDICES = "class indices"  # whole numbers, the input's shape without the class dim
+INDICES_OR_PROBS = "class indices or probabilities"  # probabilities iff the input's shape
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """One ``crossent loss`` subcommand.
 
-    A loss is registered here with everything the CLI shows of it, its step-by-step
-    explanation included: a spec cannot be built without one (``explain`` has no default).
+    A loss is registered here with everything the CLI needs of it: its help texts, options,
+    how to read its target, an example for ``--help`` and its step-by-step explanation (a spec
+    cannot be built without one: ``explain`` has no default).
     """
 
     command: str  # subcommand name, e.g. "bce-logits"
@@ -43,6 +50,8 @@ class LossSpec:
     target_help: str
     weight_help: str
     options: tuple[str, ...]  # the extra keyword arguments it takes
+    targets: str  # SAME_SHAPE, CLASS_INDICES or INDICES_OR_PROBS
+    example: str  # options for the examples in --help
     explain: Callable[[Problem, int], Explanation]  # --explain: (problem, max_rows) -> steps
 
 
@@ -57,6 +66,8 @@ LOSSES: dict[str, LossSpec] = {
             "targets in [0, 1], the input's shape",
             "rescaling weight that broadcasts (right-aligned) to the input's shape",
             (),
+            SAME_SHAPE,
+            "--input 0.344,0.7944,0.8919 --target 0.1639,0.4745,0.1537",
             explain_bce,
         ),
         LossSpec(
@@ -67,6 +78,8 @@ LOSSES: dict[str, LossSpec] = {
             "targets (probabilities), the input's shape",
             "rescaling weight that broadcasts (right-aligned) to the input's shape",
             ("pos_weight",),
+            SAME_SHAPE,
+            "--input -0.231,1.423,0.6642 --target 1,1,0 --pos-weight 2",
             explain_bce_logits,
         ),
         LossSpec(
@@ -78,6 +91,8 @@ LOSSES: dict[str, LossSpec] = {
             "probabilities of the input's shape",
             "class weight of shape (C,)",
             ("ignore_index", "label_smoothing"),
+            INDICES_OR_PROBS,
+            "--input '1.2,-0.5,0.3;0.1,0.4,-0.2' --target 1,0 --label-smoothing 0.1",
             explain_cross_entropy,
         ),
         LossSpec(
@@ -88,6 +103,8 @@ LOSSES: dict[str, LossSpec] = {
             "class indices of shape (), (N,) or (N, d1, ...) (whole numbers)",
             "class weight of shape (C,)",
             ("ignore_index",),
+            CLASS_INDICES,
+            "--input '-0.5,-1.2,-2.3;-1.6,-0.4,-1.9' --target 0,1",
             explain_nll,
         ),
     )
@@ -111,7 +128,7 @@ class Problem:
     @property
     def probability_targets(self) -> bool:
         """Cross entropy reads a target of the input's shape as class probabilities."""
-        return self.spec.command == "ce" and self.target.shape == self.input.shape
+        return self.spec.targets == INDICES_OR_PROBS and self.target.shape == self.input.shape
 
     def kwargs(self, convert: Callable[[NDArray], object]) -> dict[str, object]:
         """Keyword arguments after ``(input, target)``, with arrays passed through ``convert``."""
@@ -194,14 +211,13 @@ def build_problem(spec: LossSpec, args: argparse.Namespace) -> Problem:
     raw_input = read_values(args.input, "--input")
     raw_target = read_values(args.target, "--target")
     input = _cast_float(raw_input, dtype, "--input")
-    if spec.command in ("bce", "bce-logits") and raw_target.shape != raw_input.shape:
+    same_shape = raw_target.shape == raw_input.shape
+    if spec.targets == SAME_SHAPE and not same_shape:
         raise LossError(
             f"{spec.function}: --target has shape {raw_target.shape} but --input has shape "
             f"{raw_input.shape}; the target must have the input's shape"
         )
-    if spec.command in ("ce", "nll") and not (
-        spec.command == "ce" and raw_target.shape == raw_input.shape
-    ):
+    if spec.targets == CLASS_INDICES or (spec.targets == INDICES_OR_PROBS and not same_shape):
         _check_class_indices(raw_target, raw_input.shape)
         if is_integral(raw_target):
             target = raw_target.astype(np.int64)
