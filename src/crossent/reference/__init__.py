@@ -26,7 +26,8 @@ Losses (torch.nn.functional signatures, minus the deprecated ``size_average``/``
 - :func:`nll_loss` ``(input, target, weight=None, ignore_index=-100, reduction='mean')``
 
 Gradients, ``<loss>_grad(input, target, grad_output=1.0, <same options>)`` → ∂L/∂input, and
-``<loss>_target_grad(...)`` → ∂L/∂target:
+``<loss>_target_grad(...)`` → ∂L/∂target (each spells out its loss's full signature, so that it
+reads on its own):
 
 - :func:`binary_cross_entropy_grad`, :func:`binary_cross_entropy_target_grad`
 - :func:`binary_cross_entropy_with_logits_grad`,
