@@ -262,18 +262,10 @@ def target_factor(w_t: Tensor | None, label_smoothing: float) -> Tensor | float:
 
 
 def grad_coefficients(
-    sigma: Tensor,
-    w_t: Tensor | None,
-    total: Tensor | float,
-    lse: Tensor | None,
-    *,
-    n_classes: int,
-    label_smoothing: float,
-    z_loss: float,
+    sigma: Tensor, w_t: Tensor | None, total: Tensor | float, lse: Tensor | None, **options
 ) -> tuple[Tensor, Tensor]:
     """``(σ·a, σ·(1-ε)·w_t)``, per row: the gradient of ``Σ_i σ_i·loss_i`` w.r.t. row i's
-    logits is ``(σ·a)_i·p - (σ·(1-ε)·w_t)_i·e_t - σ_i·(ε/V)·w``."""
-    a = row_factor(
-        w_t, total, lse, n_classes=n_classes, label_smoothing=label_smoothing, z_loss=z_loss
-    )
-    return sigma * a, sigma * target_factor(w_t, label_smoothing)
+    logits is ``(σ·a)_i·p - (σ·(1-ε)·w_t)_i·e_t - σ_i·(ε/V)·w``. ``options``: the keywords
+    of :func:`row_factor` (``n_classes``, ``label_smoothing``, ``z_loss``)."""
+    a = row_factor(w_t, total, lse, **options)
+    return sigma * a, sigma * target_factor(w_t, options["label_smoothing"])

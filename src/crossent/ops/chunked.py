@@ -300,12 +300,7 @@ def linear_cross_entropy_chunked(
     *,
     linear_bias: Tensor | None = None,
     weight: Tensor | None = None,
-    reduction: str = "mean",
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    chunk_size: int | None = None,
+    **options,
 ) -> Tensor:
     """Chunked linear cross entropy on validated 2-D input (any device).
 
@@ -315,23 +310,11 @@ def linear_cross_entropy_chunked(
         target: (N,) int64 class indices in [0, V) or ``ignore_index``.
         linear_bias: optional (V,) bias.
         weight: optional (V,) class weight (not differentiable).
-        reduction: ``'none'``, ``'mean'`` or ``'sum'``.
-        ignore_index: target value to skip.
-        label_smoothing: ε in [0, 1].
-        z_loss: ζ >= 0.
-        softcap: c > 0 or None.
-        chunk_size: rows per chunk, or None to size chunks (``crossent.ops._budget``).
+        **options: the fields of :class:`ChunkedConfig` (``reduction``, ``ignore_index``,
+            ``label_smoothing``, ``z_loss``, ``softcap``, ``chunk_size``).
 
     Returns:
         The loss in ``x``'s dtype: a scalar, or (N,) for ``reduction='none'``.
     """
-    cfg = ChunkedConfig(
-        reduction=reduction,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        chunk_size=chunk_size,
-    )
-    problem = _LinearProblem(cfg, _stats.compute_dtype(x.dtype))
+    problem = _LinearProblem(ChunkedConfig(**options), _stats.compute_dtype(x.dtype))
     return apply(problem, x, linear_weight, linear_bias, target, weight)

@@ -293,16 +293,8 @@ class CrossEntropyIndex(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def cross_entropy_index_blocked(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
-) -> Tensor:
-    """Index-target cross entropy through :class:`CrossEntropyIndex` ((N, C) logits)."""
-    loss, _ = CrossEntropyIndex.apply(
-        logits, target, weight, ignore_index, label_smoothing, reduction
-    )
+def cross_entropy_index_blocked(*args) -> Tensor:
+    """Index-target cross entropy through :class:`CrossEntropyIndex` ((N, C) logits), with
+    the arguments of :func:`cross_entropy_index_fused`."""
+    loss, _ = CrossEntropyIndex.apply(*args)
     return loss

@@ -228,11 +228,11 @@ class _ProbProblem(_SoftProblem):
     the loss has the promoted dtype of ``x``, ``probs`` and ``class_weight`` (as torch)."""
 
     class_weight: Tensor | None
-    label_smoothing: float
-    reduction: str
-    chunk_size: int | None
     acc: torch.dtype
     dtype: torch.dtype
+    label_smoothing: float = 0.0
+    reduction: str = "mean"
+    chunk_size: int | None = None
 
     def rows(self, x: Tensor) -> Rows:
         return select_rows(None, x.shape[0], _on_host(x))
@@ -258,14 +258,14 @@ class _DistillProblem(_SoftProblem):
     weight_t: Tensor
     bias_t: Tensor | None
     target: Tensor | None
-    ignore_index: int
-    beta: float
-    temperature: float
-    soft_weight: float
-    hard_weight: float
-    reduction: str
-    chunk_size: int | None
     acc: torch.dtype
+    beta: float = 0.5
+    temperature: float = 1.0
+    hard_weight: float = 0.0
+    soft_weight: float = 1.0
+    ignore_index: int = -100
+    reduction: str = "mean"
+    chunk_size: int | None = None
 
     def rows(self, x: Tensor) -> Rows:
         if self.target is None:
@@ -306,17 +306,16 @@ def linear_cross_entropy_probs_chunked(
     *,
     bias: Tensor | None = None,
     class_weight: Tensor | None = None,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    chunk_size: int | None = None,
+    **options,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(x, weight, bias), probs, ...)`` in token chunks.
 
     Args:
         x: (N, D) hidden states; weight: (V, D); bias: (V,) or None, ``x``'s dtype.
         probs: (N, V) class probabilities (any float dtype; may require grad).
-        class_weight: (V,) or None. reduction: ``'none' | 'mean' | 'sum'`` ('mean' divides
-            by N). label_smoothing: ε in [0, 1]. chunk_size: rows per chunk or None.
+        class_weight: (V,) or None.
+        **options: ``reduction`` (``'none' | 'mean' | 'sum'``; 'mean' divides by N),
+            ``label_smoothing`` (ε in [0, 1]), ``chunk_size`` (rows per chunk or None).
 
     Returns:
         The loss in the promoted dtype of ``x``, ``probs`` and ``class_weight`` (as torch):
@@ -325,14 +324,7 @@ def linear_cross_entropy_probs_chunked(
     out_dtype = torch.promote_types(x.dtype, probs.dtype)
     if class_weight is not None:
         out_dtype = torch.promote_types(out_dtype, class_weight.dtype)
-    problem = _ProbProblem(
-        class_weight=class_weight,
-        label_smoothing=label_smoothing,
-        reduction=reduction,
-        chunk_size=chunk_size,
-        acc=compute_dtype(out_dtype),
-        dtype=out_dtype,
-    )
+    problem = _ProbProblem(class_weight, compute_dtype(out_dtype), out_dtype, **options)
     return apply(problem, x, weight, bias, probs)
 
 
@@ -345,13 +337,7 @@ def linear_distillation_chunked(
     *,
     bias: Tensor | None = None,
     bias_t: Tensor | None = None,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    hard_weight: float = 0.0,
-    soft_weight: float = 1.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    chunk_size: int | None = None,
+    **options,
 ) -> Tensor:
     """Distillation loss between a student head and a teacher head, in token chunks.
 
@@ -360,24 +346,19 @@ def linear_distillation_chunked(
         x_t: (N, D_t) teacher hidden states; weight_t: (V, D_t); bias_t: (V,) or None. Never
             differentiated (detached here).
         target: (N,) int64 class indices or ``ignore_index``, or None.
-        beta, temperature, hard_weight, soft_weight, ignore_index, reduction, chunk_size: as
+        **options: ``beta``, ``temperature``, ``hard_weight``, ``soft_weight``,
+            ``ignore_index``, ``reduction``, ``chunk_size``, as
             ``crossent.linear_distillation_loss``.
 
     Returns:
         The loss in ``x``'s dtype: 0-d, or (N,) for ``'none'``.
     """
     problem = _DistillProblem(
-        x_t=x_t.detach(),
-        weight_t=weight_t.detach(),
-        bias_t=None if bias_t is None else bias_t.detach(),
-        target=target,
-        ignore_index=ignore_index,
-        beta=beta,
-        temperature=temperature,
-        soft_weight=soft_weight,
-        hard_weight=hard_weight,
-        reduction=reduction,
-        chunk_size=chunk_size,
-        acc=compute_dtype(x.dtype),
+        x_t.detach(),
+        weight_t.detach(),
+        None if bias_t is None else bias_t.detach(),
+        target,
+        compute_dtype(x.dtype),
+        **options,
     )
     return apply(problem, x, weight, bias, None)
