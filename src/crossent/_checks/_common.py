@@ -118,7 +118,7 @@ _DTYPE_NAMES = {
 
 def scalar_type_name(dtype: torch.dtype) -> str:
     """torch's C++ name of a dtype (``Float``, ``Long`` ...), as its messages print it."""
-    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+    return _DTYPE_NAMES.get(dtype) or dtype_repr(dtype)
 
 
 def dtype_repr(dtype: torch.dtype) -> str:
@@ -127,6 +127,7 @@ def dtype_repr(dtype: torch.dtype) -> str:
 
 
 def shape_repr(t: torch.Tensor | torch.Size | tuple[int, ...]) -> str:
+    """A tensor's shape, or a shape, as a tuple: ``(3, 4)``."""
     size = t.shape if isinstance(t, torch.Tensor) else t
     return str(tuple(size))
 
