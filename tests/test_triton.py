@@ -564,6 +564,43 @@ def test_bce_coalesce_merges_contiguous_and_broadcast_dims():
 # --------------------------------------------------------------------------- custom ops
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_backward_kernels_receive_the_row_factor_of_stats(reduction):
+    # The kernels hold no loss convention: what they receive, the gradients of the loss w.r.t.
+    # the statistics, is crossent.ops._stats' row factor, target factor and -ε/V, times σ.
+    from crossent.ops import _stats
+    from crossent.ops.triton import _ops
+
+    g = torch.Generator().manual_seed(3)
+    n, v, eps, zeta, f64 = 9, 13, 0.2, 1e-2, torch.float64
+    row_max = 3 * torch.randn(n, generator=g, dtype=f64)
+    logsum = leaf(torch.rand(n, generator=g, dtype=f64) + 1.0)
+    target_logit = leaf(-4 * torch.rand(n, generator=g, dtype=f64))
+    smooth = leaf(-v * torch.rand(n, generator=g, dtype=f64))
+    target = torch.randint(0, v, (n,), generator=g)
+    target[[1, 5]] = -100
+    class_weight = torch.rand(v, generator=g, dtype=f64) + 0.5
+    loss = _ops.loss_from_stats(
+        row_max, logsum, target_logit, smooth, target, class_weight, n_classes=v,
+        ignore_index=-100, label_smoothing=eps, z_loss=zeta, reduction=reduction, out_dtype=f64,
+    )  # fmt: skip
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=f64).reshape(loss.shape)
+    g_logsum, g_zt, g_smooth = torch.autograd.grad(loss, (logsum, target_logit, smooth), upstream)
+    keep = target != -100
+    w_t = _stats.target_weight(class_weight, target.clamp(0))
+    denominator = _stats.mean_denominator(keep, w_t, n_rows=n, dtype=f64)
+    sigma = _stats.row_scale(
+        upstream, reduction=reduction, denominator=denominator, keep=keep, n_rows=n
+    )
+    a_sigma, target_sigma = _stats.grad_coefficients(
+        sigma, w_t, _stats.total_weight(class_weight, v), row_max + logsum.detach(),
+        n_classes=v, label_smoothing=eps, z_loss=zeta,
+    )  # fmt: skip
+    torch.testing.assert_close(g_logsum, a_sigma, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g_zt, -target_sigma, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g_smooth, -sigma * (eps / v), rtol=1e-12, atol=1e-14)
+
+
 def test_custom_ops_pass_opcheck():
     logits, target, weight = make_ce(n=6, v=40)
     ops = torch.ops.crossent

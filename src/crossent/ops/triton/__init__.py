@@ -1,15 +1,18 @@
 """GPU (Triton) implementations of cross entropy, linear cross entropy and BCE with logits.
 
-Entry points for ``crossent.functional`` and ``crossent.linear``, which validate and reshape the
-arguments first: these functions trust their inputs (2-D logits, 1-D int64 or uint8 targets,
-weights of the right sizes and dtypes, a known reduction). They run on CUDA tensors, or on CPU
-tensors under Triton's interpreter (``TRITON_INTERPRET=1``), and never read tensor values on the
-host, so they are safe inside CUDA graphs and ``torch.compile(fullgraph=True)``.
+Entry points for ``crossent.functional`` and ``crossent.linear``, which validate the arguments
+with ``crossent._checks`` and reshape them first: these functions trust their inputs (2-D
+logits, 1-D int64 or uint8 targets, weights of the right sizes and dtypes, a known reduction,
+``label_smoothing`` a float in [0, 1], ``z_loss`` a float >= 0) and check nothing again. They
+run on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``), and
+never read tensor values on the host, so they are safe inside CUDA graphs and
+``torch.compile(fullgraph=True)``.
 
-Label smoothing follows PyTorch: ``ε/C`` on every class, and with ``reduction='mean'`` the same
-denominator ``Σ_i keep_i w_{t_i}`` as the unsmoothed loss. ``z_loss`` adds ``z * lse_i**2`` for
-each non-ignored row (PaLM), not class-weighted, same denominator. ``softcap`` replaces the
-logits by ``softcap * tanh(logits / softcap)`` before the softmax (Gemma 2).
+The loss conventions are those of ``crossent.ops._stats`` (PyTorch's). Label smoothing: ``ε/C``
+on every class, and with ``reduction='mean'`` the same denominator ``Σ_i keep_i w_{t_i}`` as the
+unsmoothed loss. ``z_loss`` adds ``z * lse_i**2`` for each non-ignored row (PaLM), not
+class-weighted, same denominator. ``softcap`` replaces the logits by
+``softcap * tanh(logits / softcap)`` before the softmax (Gemma 2).
 
 Importing this package does not import triton; :func:`is_available` says whether the kernels can
 run here.
@@ -81,7 +84,7 @@ def cross_entropy(
         target: (N,) int64 or uint8 class indices in [0, V) (or ``ignore_index``).
         weight: (V,) class weights in the logits dtype, or None.
         ignore_index: target value whose rows contribute nothing (nor to the mean's denominator).
-        label_smoothing: ε in [0, 1]; values <= 0 mean none, as in torch.
+        label_smoothing: ε in [0, 1] (``crossent._checks`` maps torch's negative ε to 0).
         z_loss: ζ, coefficient of the ``lse**2`` term; 0 for none.
         softcap: c > 0 for soft-capping, None for none.
         reduction: 'none' (shape (N,)), 'mean' or 'sum' (0-d).
@@ -96,24 +99,14 @@ def cross_entropy(
     """
     target = _index_target(target)
     class_weight = weight.contiguous() if weight is not None else None
-    smoothing = max(float(label_smoothing), 0.0)
-    shift, logsum, target_logit, smooth = _ops.ce_stats(
-        logits, target, class_weight, _softcap_value(softcap), smoothing > 0.0
+    stats = _ops.ce_stats(
+        logits, target, class_weight, _softcap_value(softcap), label_smoothing > 0.0
     )
     return _ops.loss_from_stats(
-        shift,
-        logsum,
-        target_logit,
-        smooth,
-        target,
-        class_weight,
-        n_classes=logits.shape[1],
-        ignore_index=ignore_index,
-        label_smoothing=smoothing,
-        z_loss=float(z_loss),
-        reduction=reduction,
+        *stats, target, class_weight, n_classes=logits.shape[1], ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction,
         out_dtype=logits.dtype,
-    )
+    )  # fmt: skip
 
 
 def linear_cross_entropy(
@@ -144,7 +137,7 @@ def linear_cross_entropy(
         linear_bias: (V,) or None.
         weight: (V,) class weights, or None.
         ignore_index: target value whose rows are skipped.
-        label_smoothing: ε in [0, 1]; values <= 0 mean none.
+        label_smoothing: ε in [0, 1].
         z_loss: coefficient of the ``lse**2`` term.
         softcap: c > 0 for soft-capping the logits, None for none.
         reduction: 'none', 'mean' or 'sum'.
@@ -158,31 +151,15 @@ def linear_cross_entropy(
     """
     target = _index_target(target).contiguous()
     class_weight = weight.contiguous() if weight is not None else None
-    smoothing = max(float(label_smoothing), 0.0)
-    shift, logsum, target_logit, smooth = _ops.linear_ce_stats(
-        input,
-        linear_weight,
-        linear_bias,
-        target,
-        class_weight,
-        int(ignore_index),
-        _softcap_value(softcap),
-        smoothing > 0.0,
-    )
+    stats = _ops.linear_ce_stats(
+        input, linear_weight, linear_bias, target, class_weight, ignore_index,
+        _softcap_value(softcap), label_smoothing > 0.0,
+    )  # fmt: skip
     return _ops.loss_from_stats(
-        shift,
-        logsum,
-        target_logit,
-        smooth,
-        target,
-        class_weight,
-        n_classes=linear_weight.shape[0],
-        ignore_index=ignore_index,
-        label_smoothing=smoothing,
-        z_loss=float(z_loss),
-        reduction=reduction,
-        out_dtype=input.dtype,
-    )
+        *stats, target, class_weight, n_classes=linear_weight.shape[0],
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        reduction=reduction, out_dtype=input.dtype,
+    )  # fmt: skip
 
 
 def binary_cross_entropy_with_logits(

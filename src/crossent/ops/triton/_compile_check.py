@@ -45,6 +45,7 @@ def _variants(quick: bool):
     import torch
     import triton.language as tl
 
+    from ._launch import bce_block, ce_block, lce_tiles, option_flags
     from ._runtime import kernels
 
     bce = kernels("bce_with_logits")
@@ -52,90 +53,57 @@ def _variants(quick: bool):
     lce = kernels("linear_cross_entropy")
 
     out = []
-    torch_dtypes = {"bf16": torch.bfloat16, "fp64": torch.float64}
-    ce_flags = [(True, True, True), (False, False, False)]
-    for dtype, ptr, compute in [("bf16", "*bf16", tl.float32), ("fp64", "*fp64", tl.float64)]:
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtypes["fp64"] = torch.float64
+    for dtype, compute in [("bf16", tl.float32), ("fp64", tl.float64)]:
         if quick and dtype == "fp64":
             continue
-        for softcap, smoothing, weight in ce_flags:
-            ce_block, ce_warps = ce._launch_config(128256, torch_dtypes[dtype])  # GPU config
-            consts = dict(
-                HAS_SOFTCAP=softcap,
-                HAS_SMOOTHING=smoothing,
-                HAS_WEIGHT=weight,
-                COMPUTE=compute,
-                BLOCK_V=ce_block,
-            )
+        for flag in (True, False):  # every option on, every option off
+            ce_block_v, ce_warps = ce_block(128256, dtypes[dtype])  # GPU config
+            flags = option_flags(1.0 if flag else 0.0, flag, flag)
+            consts = dict(flags, COMPUTE=compute, BLOCK_V=ce_block_v)
+            ptr = f"*{dtype}"
             stats = "*fp64" if dtype == "fp64" else "*fp32"
-            ptrs = {
-                "*": stats,
-                "logits_ptr": ptr,
-                "class_weight_ptr": ptr,
-                "target_ptr": "*i64",
-                "grad_logits_ptr": ptr,
-            }
-            tag = f"{dtype} softcap={softcap} smooth={smoothing} weight={weight}"
+            ptrs = {"*": stats, "logits_ptr": ptr, "class_weight_ptr": ptr}
+            ptrs.update(target_ptr="*i64", grad_logits_ptr=ptr)
+            tag = f"{dtype} softcap={flag} smooth={flag} weight={flag}"
             options = dict(num_warps=ce_warps)
             out.append((f"ce.forward {tag}", ce._forward_kernel, ptrs, consts, options))
             out.append((f"ce.backward {tag}", ce._backward_kernel, ptrs, consts, options))
-    lce_cases = [("bf16", "*bf16", tl.float32), ("fp16", "*fp16", tl.float32)]
-    lce_cases += [("fp32", "*fp32", tl.float32)]
-    for dtype, ptr, compute in lce_cases:
+    for dtype in ("bf16", "fp16", "fp32"):
         if quick and dtype != "bf16":
             continue
-        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-        for flags in [True, False]:
-            cfg = lce._config(torch_dtype[dtype], backward=False)
-            consts = dict(
-                HAS_BIAS=flags,
-                HAS_SOFTCAP=flags,
-                HAS_SMOOTHING=flags,
-                HAS_WEIGHT=flags,
-                UPCAST_DOT=False,
-                IEEE_DOT=dtype == "fp32",
-                COMPUTE=compute,
-                BLOCK_N=cfg["BLOCK_N"],
-                BLOCK_V=cfg["BLOCK_V"],
-                BLOCK_D=cfg["BLOCK_D"],
-            )
-            ptrs = {
-                "*": "*fp32",
-                "x_ptr": ptr,
-                "w_ptr": ptr,
-                "b_ptr": ptr,
-                "class_weight_ptr": ptr,
-                "target_ptr": "*i64",
-            }
-            options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-            tag = f"{dtype} all-options={flags}"
-            out.append((f"lce.forward {tag}", lce._forward_kernel, ptrs, consts, options))
-            cfg = lce._config(torch_dtype[dtype], backward=True, softcap=flags)
-            bwd = dict(consts, NEED_GRAD_X=True, NEED_GRAD_W=True, NEED_GRAD_B=flags)
-            bwd.update(BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"])
-            bwd.update(GROUP_N=cfg["GROUP_N"])
-            options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-            out.append((f"lce.backward {tag}", lce._backward_kernel, ptrs, bwd, options))
-    bce_block, bce_warps = bce._block()
+        for flag in (True, False):
+            ptr = f"*{dtype}"
+            ptrs = {"*": "*fp32", "x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr}
+            ptrs.update(class_weight_ptr=ptr, target_ptr="*i64")
+            flags = option_flags(1.0 if flag else 0.0, flag, flag)
+            consts = dict(flags, HAS_BIAS=flag, UPCAST_DOT=False, IEEE_DOT=dtype == "fp32")
+            consts.update(COMPUTE=tl.float32)
+            tag = f"{dtype} all-options={flag}"
+            for kernel, backward in [(lce._forward_kernel, False), (lce._backward_kernel, True)]:
+                tiles = lce_tiles(dtypes[dtype], backward=backward, softcap=flag)
+                launch = {k: tiles.pop(k) for k in ("num_warps", "num_stages")}
+                kernel_consts = dict(consts, **tiles)
+                if backward:
+                    kernel_consts.update(NEED_GRAD_X=True, NEED_GRAD_W=True, NEED_GRAD_B=flag)
+                label = f"lce.{'backward' if backward else 'forward'} {tag}"
+                out.append((label, kernel, ptrs, kernel_consts, launch))
+    bce_block_size, bce_warps = bce_block()
     for ndim in (1, 2, 4):
-        for dtype, ptr in [("fp32", "*fp32"), ("bf16", "*bf16")]:
+        for dtype in ("fp32", "bf16"):
             if quick and (dtype != "fp32" or ndim == 4):
                 continue
-            consts = dict(
-                HAS_WEIGHT=True,
-                HAS_POS_WEIGHT=True,
-                NDIM=ndim,
-                INDEX_64=False,
-                COMPUTE=tl.float32,
-                BLOCK=bce_block,
-            )
-            ptrs = {"*": ptr, "out_ptr": "*fp32"}
+            consts = dict(HAS_WEIGHT=True, HAS_POS_WEIGHT=True, NDIM=ndim, INDEX_64=False)
+            consts.update(COMPUTE=tl.float32, BLOCK=bce_block_size)
+            ptrs = {"*": f"*{dtype}", "out_ptr": "*fp32"}
             tag = f"{dtype} ndim={ndim}"
+            options = dict(num_warps=bce_warps)
             for reduce in (True, False):
                 fwd = dict(consts, REDUCE=reduce)
                 label = f"bce.forward {tag} reduce={reduce}"
-                out.append((label, bce._forward_kernel, ptrs, fwd, dict(num_warps=bce_warps)))
+                out.append((label, bce._forward_kernel, ptrs, fwd, options))
             bwd = dict(consts, NEED_GRAD_X=True, NEED_GRAD_Y=True)
-            options = dict(num_warps=bce_warps)
             out.append((f"bce.backward {tag}", bce._backward_kernel, ptrs, bwd, options))
     return out
 

@@ -10,9 +10,10 @@ Cross entropy (on logits, or fused with the classifier matmul) is split in two l
   ``logsum = log Σ_c exp(z_c - m)`` (so ``lse = m + logsum``), the target logit and the
   class-weighted logit sum (both relative to ``m``); its backward is a kernel that turns the
   statistics' gradients into the logits' (or input's and weight's) gradients;
-* :func:`loss_from_stats`, ordinary torch ops on (N,) vectors that build the loss from them —
-  class weights, ignore_index, label smoothing, z-loss and the reductions all live here, once,
-  and autograd differentiates them. The kernels need to know nothing about reductions.
+* :func:`loss_from_stats`, ordinary torch ops on (N,) vectors that build the loss from them
+  with the conventions of ``crossent.ops._stats`` (class weights, ignore_index, label
+  smoothing, z-loss and the reductions, defined there once for every path), and autograd
+  differentiates them. The kernels need to know nothing about reductions.
 
 Nothing here reads tensor values on the host: no ``.item()``, no data-dependent branches.
 """
@@ -22,12 +23,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._runtime import check_runnable, compute_dtype, kernels
+from .. import _stats
+from .._stats import compute_dtype
+from ._runtime import check_runnable, kernels
 
 # --------------------------------------------------------------------------- cross entropy
 #
-# Statistics per row of the soft-capped logits z (see cross_entropy.py): shift m (the row max,
-# no gradient), logsum = log Σ exp(z - m), target logit z_t - m, and Σ_c w_c (z_c - m).
+# Statistics per row of the soft-capped logits z (see cross_entropy.py): row_max m (the row max,
+# 0 for an all -inf row; no gradient), logsum = log Σ exp(z - m), target logit z_t - m, and
+# Σ_c w_c (z_c - m).
 
 
 def _fake_stats(like: Tensor, n_rows) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -43,7 +47,7 @@ def ce_stats(
     softcap: float,
     with_smoothing: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(shift, logsum, target logit, Σ_c w_c z_c) per row of ``z = softcap(logits)``."""
+    """(row_max, logsum, target logit, Σ_c w_c z_c) per row of ``z = softcap(logits)``."""
     check_runnable(logits, target, class_weight)
     return kernels("cross_entropy").forward(logits, target, class_weight, softcap, with_smoothing)
 
@@ -58,7 +62,7 @@ def ce_stats_backward(
     logits: Tensor,
     target: Tensor,
     class_weight: Tensor | None,
-    shift: Tensor,
+    row_max: Tensor,
     logsum: Tensor,
     grad_logsum: Tensor,
     grad_target_logit: Tensor,
@@ -67,19 +71,11 @@ def ce_stats_backward(
     with_smoothing: bool,
 ) -> Tensor:
     """Gradient w.r.t. ``logits`` from the gradients of the statistics; a new tensor."""
-    check_runnable(logits, target, class_weight, shift, logsum, grad_logsum, grad_target_logit)
+    check_runnable(logits, target, class_weight, row_max, logsum, grad_logsum, grad_target_logit)
     return kernels("cross_entropy").backward(
-        logits,
-        target,
-        class_weight,
-        shift,
-        logsum,
-        grad_logsum,
-        grad_target_logit,
-        grad_smooth,
-        softcap,
-        with_smoothing,
-    )
+        logits, target, class_weight, row_max, logsum, grad_logsum, grad_target_logit, grad_smooth,
+        softcap, with_smoothing,
+    )  # fmt: skip
 
 
 @ce_stats_backward.register_fake
@@ -87,34 +83,27 @@ def _(logits, *args):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad
+def _stat_grads(logsum: Tensor, *grads: Tensor | None) -> tuple[Tensor, ...]:
+    """The gradients of the differentiable statistics, zeros for those autograd left None."""
+    return tuple(torch.zeros_like(logsum) if g is None else g for g in grads)
 
 
 def _ce_setup_context(ctx, inputs, output):
     logits, target, class_weight, softcap, with_smoothing = inputs
-    shift, logsum = output[0], output[1]
-    ctx.mark_non_differentiable(shift)
-    ctx.save_for_backward(logits, target, class_weight, shift, logsum)
+    row_max, logsum = output[0], output[1]
+    ctx.mark_non_differentiable(row_max)
+    ctx.save_for_backward(logits, target, class_weight, row_max, logsum)
     ctx.softcap = softcap
     ctx.with_smoothing = with_smoothing
 
 
-def _ce_backward(ctx, grad_shift, grad_logsum, grad_target_logit, grad_smooth):
-    logits, target, class_weight, shift, logsum = ctx.saved_tensors
+def _ce_backward(ctx, grad_row_max, grad_logsum, grad_target_logit, grad_smooth):
+    logits, target, class_weight, row_max, logsum = ctx.saved_tensors
     grad_logits = None
     if ctx.needs_input_grad[0]:
+        grads = _stat_grads(logsum, grad_logsum, grad_target_logit, grad_smooth)
         grad_logits = ce_stats_backward(
-            logits,
-            target,
-            class_weight,
-            shift,
-            logsum,
-            _zeros_if_none(grad_logsum, logsum),
-            _zeros_if_none(grad_target_logit, logsum),
-            _zeros_if_none(grad_smooth, logsum),
-            ctx.softcap,
-            ctx.with_smoothing,
+            logits, target, class_weight, row_max, logsum, *grads, ctx.softcap, ctx.with_smoothing
         )
     return grad_logits, None, None, None, None
 
@@ -123,14 +112,14 @@ ce_stats.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
 
 def _ce_grad_torch(
-    logits, logsum, grad_logsum, grad_target_logit, grad_smooth, target, class_weight, shift,
+    logits, logsum, grad_logsum, grad_target_logit, grad_smooth, target, class_weight, row_max,
     softcap, with_smoothing,
 ):  # fmt: skip
     """What ``ce_stats_backward`` computes, in differentiable torch ops (N x V temporaries)."""
     z = logits.to(logsum.dtype)
     if softcap != 0.0:
         z = softcap * torch.tanh(z / softcap)
-    probs = torch.exp((z - shift[:, None]) - logsum[:, None])
+    probs = torch.exp((z - row_max[:, None]) - logsum[:, None])
     classes = torch.arange(logits.shape[1], device=logits.device)
     grad = grad_logsum[:, None] * probs
     grad = grad + torch.where(classes == target[:, None], grad_target_logit[:, None], 0.0)
@@ -154,11 +143,11 @@ def _ce_double_backward(ctx, grad_grad_logits):
 
     Only second order: the results are not differentiable again (a third-order request raises).
     """
-    logits, target, class_weight, shift, logsum, g_logsum, g_zt, g_smooth = ctx.saved_tensors
+    logits, target, class_weight, row_max, logsum, g_logsum, g_zt, g_smooth = ctx.saved_tensors
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (logits, logsum, g_logsum, g_zt, g_smooth)]
         out = _ce_grad_torch(
-            *leaves, target, class_weight, shift.detach(), ctx.softcap, ctx.with_smoothing
+            *leaves, target, class_weight, row_max.detach(), ctx.softcap, ctx.with_smoothing
         )
         grads = torch.autograd.grad(out, leaves, grad_grad_logits, allow_unused=True)
     d_logits, d_logsum, d_g_logsum, d_g_zt, d_g_smooth = grads
@@ -201,7 +190,7 @@ def linear_ce_stats_backward(
     linear_bias: Tensor | None,
     target: Tensor,
     class_weight: Tensor | None,
-    shift: Tensor,
+    row_max: Tensor,
     logsum: Tensor,
     grad_logsum: Tensor,
     grad_target_logit: Tensor,
@@ -214,25 +203,12 @@ def linear_ce_stats_backward(
     need_grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias); one not asked for is an empty (0,) tensor."""
-    check_runnable(input, linear_weight, linear_bias, target, class_weight, shift, grad_logsum)
+    check_runnable(input, linear_weight, linear_bias, target, class_weight, row_max, grad_logsum)
     return kernels("linear_cross_entropy").backward(
-        input,
-        linear_weight,
-        linear_bias,
-        target,
-        class_weight,
-        shift,
-        logsum,
-        grad_logsum,
-        grad_target_logit,
-        grad_smooth,
-        ignore_index,
-        softcap,
-        with_smoothing,
-        need_grad_input,
-        need_grad_weight,
-        need_grad_bias,
-    )
+        input, linear_weight, linear_bias, target, class_weight, row_max, logsum, grad_logsum,
+        grad_target_logit, grad_smooth, ignore_index, softcap, with_smoothing,
+        need_grad_input, need_grad_weight, need_grad_bias,
+    )  # fmt: skip
 
 
 @linear_ce_stats_backward.register_fake
@@ -249,37 +225,24 @@ def _(input, linear_weight, linear_bias, *args):
 
 def _lce_setup_context(ctx, inputs, output):
     input, linear_weight, linear_bias, target, class_weight, ignore_index, softcap, smooth = inputs
-    shift, logsum = output[0], output[1]
-    ctx.mark_non_differentiable(shift)
-    ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, shift, logsum)
+    row_max, logsum = output[0], output[1]
+    ctx.mark_non_differentiable(row_max)
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, row_max, logsum)
     ctx.ignore_index = ignore_index
     ctx.softcap = softcap
     ctx.with_smoothing = smooth
 
 
-def _lce_backward(ctx, grad_shift, grad_logsum, grad_target_logit, grad_smooth):
-    input, linear_weight, linear_bias, target, class_weight, shift, logsum = ctx.saved_tensors
+def _lce_backward(ctx, grad_row_max, grad_logsum, grad_target_logit, grad_smooth):
+    input, linear_weight, linear_bias, target, class_weight, row_max, logsum = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     grads: tuple[Tensor | None, ...] = (None, None, None)
     if need_input or need_weight or need_bias:
         grad_input, grad_weight, grad_bias = linear_ce_stats_backward(
-            input,
-            linear_weight,
-            linear_bias,
-            target,
-            class_weight,
-            shift,
-            logsum,
-            _zeros_if_none(grad_logsum, logsum),
-            _zeros_if_none(grad_target_logit, logsum),
-            _zeros_if_none(grad_smooth, logsum),
-            ctx.ignore_index,
-            ctx.softcap,
-            ctx.with_smoothing,
-            need_input,
-            need_weight,
-            need_bias,
-        )
+            input, linear_weight, linear_bias, target, class_weight, row_max, logsum,
+            *_stat_grads(logsum, grad_logsum, grad_target_logit, grad_smooth),
+            ctx.ignore_index, ctx.softcap, ctx.with_smoothing, need_input, need_weight, need_bias,
+        )  # fmt: skip
         grads = (
             grad_input if need_input else None,
             grad_weight if need_weight else None,
@@ -292,7 +255,7 @@ linear_ce_stats.register_autograd(_lce_backward, setup_context=_lce_setup_contex
 
 
 def loss_from_stats(
-    shift: Tensor,
+    row_max: Tensor,
     logsum: Tensor,
     target_logit: Tensor,
     smooth: Tensor,
@@ -306,59 +269,33 @@ def loss_from_stats(
     reduction: str,
     out_dtype: torch.dtype,
 ) -> Tensor:
-    """Cross entropy from the per-row statistics, with torch's conventions.
+    """Cross entropy from the kernels' per-row statistics, with torch's conventions.
 
-    With ``keep_i = [t_i != ignore_index]``, ``w`` the class weight (1 if None), ``ε`` the label
-    smoothing, ``C`` the number of classes, and the statistics relative to the row max ``m``
-    (``logsum = log Σ_c exp(z_c - m)``, ``zt = z_t - m``, ``smooth = Σ_c w_c (z_c - m)``)::
-
-        nll_i    = w_{t_i} * (logsum_i - zt_i)                   = -w_t log_softmax(z)_t
-        smooth_i = (Σ_c w_c) * logsum_i - smooth_i               = -Σ_c w_c log_softmax(z)_c
-        lse_i    = m_i + logsum_i
-        l_i      = keep_i * [(1 - ε) nll_i + (ε / C) smooth_i + z_loss * lse_i**2]
-        'mean'   = Σ_i keep_i (1 - ε) nll_i / Σ_i keep_i w_{t_i}
-                   + Σ_i keep_i [(ε / C) smooth_i + z_loss * lse_i**2] / Σ_i keep_i w_{t_i}
-
-    The z-loss term is not class-weighted but shares the mean's denominator. The two quotients
-    are torch's (``F.cross_entropy`` averages its target and smoothing terms separately): when
-    the denominator is 0 (every row ignored, or every kept target of class weight 0) the first
-    is 0/0 and the mean NaN, whatever the second holds. Working relative to ``m`` is what
-    torch's ``log_softmax`` does: no rounding of ``m + logsum`` enters the loss.
+    The conventions (class weight on the target term, ignore mask, label smoothing, z-loss,
+    the 'mean' denominator) are :func:`crossent.ops._stats.loss_from_stats`'s. Here only the
+    kernels' side is adapted: the class weight is taken in the statistics' dtype, ignored rows
+    read the weight of class 0 (``keep`` then zeroes them), and the result is cast to
+    ``out_dtype``. Autograd differentiates these torch ops and hands the backward kernels the
+    gradients of ``logsum``, ``target_logit`` and ``smooth``.
     """
-    keep = target != ignore_index
-    nll = logsum - target_logit
     if class_weight is not None:
         class_weight = class_weight.to(logsum.dtype)
-        target_weight = class_weight[target.clamp(0, max(n_classes - 1, 0))]
-        loss = target_weight * nll
-    else:
-        target_weight = None
-        loss = nll
-    extra = None  # the smoothing and z-loss terms
-    if label_smoothing > 0.0:
-        total_weight = class_weight.sum() if class_weight is not None else float(n_classes)
-        smooth_loss = total_weight * logsum - smooth
-        loss = (1.0 - label_smoothing) * loss
-        extra = (label_smoothing / n_classes) * smooth_loss
-    if z_loss != 0.0:
-        z_term = z_loss * (shift + logsum).square()
-        extra = z_term if extra is None else extra + z_term
-    loss = torch.where(keep, loss, 0.0)
-    if extra is not None:
-        extra = torch.where(keep, extra, 0.0)
-    if reduction == "none":
-        return (loss if extra is None else loss + extra).to(out_dtype)
-    if reduction == "sum":
-        total = loss.sum() if extra is None else loss.sum() + extra.sum()
-        return total.to(out_dtype)
-    if target_weight is not None:
-        denominator = torch.where(keep, target_weight, 0.0).sum()
-    else:
-        denominator = keep.sum().to(logsum.dtype)
-    mean = loss.sum() / denominator
-    if extra is not None:
-        mean = mean + extra.sum() / denominator
-    return mean.to(out_dtype)
+    w_t = _stats.target_weight(class_weight, target.clamp(0, max(n_classes - 1, 0)))
+    smoothing = label_smoothing > 0.0  # W and the smoothing sum are needed only then
+    loss = _stats.loss_from_stats(
+        row_max,
+        logsum,
+        target_logit,
+        smooth if smoothing else None,
+        target != ignore_index,
+        w_t,
+        _stats.total_weight(class_weight, n_classes) if smoothing else 0.0,
+        n_classes=n_classes,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+    )
+    return loss.to(out_dtype)
 
 
 # --------------------------------------------------------------------------- BCE with logits

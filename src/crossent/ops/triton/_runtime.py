@@ -6,9 +6,33 @@ Always reach a kernel module through :func:`kernels` (``kernels("cross_entropy")
 
 ``@triton.jit`` decides at decoration time whether a kernel is compiled for the GPU or run by
 Triton's interpreter (``TRITON_INTERPRET``). The kernel modules are therefore imported lazily, on
-the first launch, and re-imported if the interpreter setting has changed since: importing
+the first launch, and imported afresh if the interpreter setting has changed since: importing
 ``crossent.ops.triton`` never pins the mode, and a test that turns the interpreter on before its
 first call gets interpreted kernels even if some other module imported this package earlier.
+Which modules count as kernel modules is read from the modules themselves (every loaded
+submodule of the package holding a ``@triton.jit`` function, defined there or imported), so no
+list needs updating when a kernel file is added.
+
+Adding a Triton kernel (a new file ``ops/triton/<name>.py``):
+
+1. Open the file with the reads / writes / assumes comment (as the other kernel files do), then
+   the module docstring with the math. Import ``triton`` at the top: the file is only ever
+   imported through :func:`kernels`, never by ``import crossent.ops.triton``.
+2. Kernels compute statistics (or elementwise values) and their gradients only; the loss
+   conventions (label smoothing, class weight on the target, z-loss, ignore mask, the 'mean'
+   denominator) stay in torch code, in ``crossent.ops._stats``. Shared device functions go in
+   ``_helpers.py`` as ``@triton.jit`` functions (inlined: they cost nothing).
+3. Block and tile sizes, warps, stages and the constexpr option flags go in ``_launch.py``.
+4. Host launchers ``forward`` / ``backward`` in the file, computing in
+   ``crossent.ops._stats.compute_dtype`` and never reading tensor values on the host.
+5. Register the torch custom ops in ``_ops.py`` (``torch.library.custom_op``, ``register_fake``,
+   ``register_autograd``), each calling ``check_runnable`` and ``kernels("<name>")``.
+6. The public entry in ``ops/triton/__init__.py``, called from ``functional.py`` / ``linear.py``
+   only after ``crossent._checks`` has validated the arguments, and picked by
+   ``crossent._backend.select_backend``.
+7. Tests in ``tests/test_triton.py`` against torch eager (values, gradients, a shape that crosses
+   every block edge, ``opcheck``, ``torch.compile(fullgraph=True)``), and a variant in
+   ``_compile_check._variants`` so that ``tests/test_triton_tools.py`` compiles it for sm_90.
 """
 
 from __future__ import annotations
@@ -21,20 +45,31 @@ import torch
 
 from ..._backend import triton_importable, triton_interpreting
 
-_KERNEL_MODULES = ("_helpers", "cross_entropy", "linear_cross_entropy", "bce_with_logits")
 _mode: list[bool] = []  # the interpreter setting the imported kernel modules were decorated for
+
+
+def _kernel_modules() -> list[str]:
+    """The loaded submodules of this package that hold ``@triton.jit`` functions."""
+    from triton.runtime.jit import KernelInterface
+
+    prefix = f"{__package__}."
+    return [
+        name
+        for name, module in list(sys.modules.items())
+        if name.startswith(prefix)
+        and module is not None
+        and any(isinstance(value, KernelInterface) for value in vars(module).values())
+    ]
 
 
 def kernels(name: str) -> types.ModuleType:
     """The kernel module ``crossent.ops.triton.<name>``, decorated for the current mode."""
     interpret = triton_interpreting()
     if _mode and _mode[0] != interpret:
-        # The mode flipped: re-decorate every imported kernel module, helpers first, since the
-        # others bind the helpers' names when they are imported.
-        for module_name in _KERNEL_MODULES:
-            module = sys.modules.get(f"{__package__}.{module_name}")
-            if module is not None:
-                importlib.reload(module)
+        # The mode flipped: forget every kernel module, so that the imports below decorate them
+        # afresh (a kernel module re-imports the helpers it uses, which are forgotten too).
+        for module_name in _kernel_modules():
+            del sys.modules[module_name]
     _mode[:] = [interpret]
     # Importing a submodule binds it as an attribute of the package, and two kernel files share
     # their names with public functions of the package (``cross_entropy``,
@@ -84,11 +119,6 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2
-
-
-def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float64 if any floating input is float64, else float32 (the kernels' statistics dtype)."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def tl_dtype(dtype: torch.dtype):

@@ -28,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import compute_dtype, interpreting, tl_dtype
+from .._stats import compute_dtype
+from ._launch import bce_block
+from ._runtime import tl_dtype
 
 
 @triton.jit
@@ -70,32 +72,10 @@ def _broadcast_offsets(offs, size1, size2, size3, s0, s1, s2, s3, NDIM: tl.const
 
 
 @triton.jit
-def _forward_kernel(
-    x_ptr,
-    y_ptr,
-    weight_ptr,
-    pos_weight_ptr,
-    out_ptr,
-    numel,
-    size1,
-    size2,
-    size3,
-    w_s0,
-    w_s1,
-    w_s2,
-    w_s3,
-    p_s0,
-    p_s1,
-    p_s2,
-    p_s3,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_POS_WEIGHT: tl.constexpr,
-    REDUCE: tl.constexpr,
-    NDIM: tl.constexpr,
-    INDEX_64: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    BLOCK: tl.constexpr,
+def _load_block(
+    x_ptr, y_ptr, numel, INDEX_64: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr
 ):
+    """(offsets, mask, x, y) of this program's BLOCK elements, x and y in COMPUTE precision."""
     pid = tl.program_id(0)
     if INDEX_64:
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -104,73 +84,78 @@ def _forward_kernel(
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    return offs, mask, x, y
+
+
+@triton.jit
+def _load_broadcast(
+    ptr, offs, mask, other, size1, size2, size3, s0, s1, s2, s3,
+    NDIM: tl.constexpr, COMPUTE: tl.constexpr,
+):  # fmt: skip
+    """A broadcast operand (strides s0..s3, see :func:`_broadcast_offsets`) at ``offs``, in
+    COMPUTE precision; ``other`` in masked lanes."""
+    elem = _broadcast_offsets(offs, size1, size2, size3, s0, s1, s2, s3, NDIM)
+    return tl.load(ptr + elem, mask=mask, other=other).to(COMPUTE)
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, y_ptr, weight_ptr, pos_weight_ptr,
+    out_ptr,  # (numel,) for 'none', else one partial sum per program
+    numel, size1, size2, size3,  # the coalesced shape (size0 implied)
+    w_s0, w_s1, w_s2, w_s3,  # weight strides
+    p_s0, p_s1, p_s2, p_s3,  # pos_weight strides
+    HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, REDUCE: tl.constexpr,
+    NDIM: tl.constexpr, INDEX_64: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs, mask, x, y = _load_block(x_ptr, y_ptr, numel, INDEX_64, COMPUTE, BLOCK)
     log_sig = _logsigmoid(x)
     if HAS_POS_WEIGHT:
-        p_offs = _broadcast_offsets(offs, size1, size2, size3, p_s0, p_s1, p_s2, p_s3, NDIM)
-        pos_weight = tl.load(pos_weight_ptr + p_offs, mask=mask, other=1.0).to(COMPUTE)
+        pos_weight = _load_broadcast(
+            pos_weight_ptr, offs, mask, 1.0, size1, size2, size3, p_s0, p_s1, p_s2, p_s3,
+            NDIM, COMPUTE,
+        )  # fmt: skip
         log_weight = (pos_weight - 1.0) * y + 1.0
         loss = (1.0 - y) * x - log_weight * log_sig
     else:
         loss = (1.0 - y) * x - log_sig
     if HAS_WEIGHT:
-        w_offs = _broadcast_offsets(offs, size1, size2, size3, w_s0, w_s1, w_s2, w_s3, NDIM)
-        loss = loss * tl.load(weight_ptr + w_offs, mask=mask, other=0.0).to(COMPUTE)
+        loss = loss * _load_broadcast(
+            weight_ptr, offs, mask, 0.0, size1, size2, size3, w_s0, w_s1, w_s2, w_s3,
+            NDIM, COMPUTE,
+        )  # fmt: skip
     if REDUCE:
-        tl.store(out_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), 0))
+        tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), 0))
     else:
         tl.store(out_ptr + offs, loss.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _backward_kernel(
-    x_ptr,
-    y_ptr,
-    weight_ptr,
-    pos_weight_ptr,
-    grad_ptr,
-    grad_x_ptr,
-    grad_y_ptr,
-    numel,
-    size1,
-    size2,
-    size3,
-    w_s0,
-    w_s1,
-    w_s2,
-    w_s3,
-    p_s0,
-    p_s1,
-    p_s2,
-    p_s3,
-    g_s0,
-    g_s1,
-    g_s2,
-    g_s3,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_POS_WEIGHT: tl.constexpr,
-    NEED_GRAD_X: tl.constexpr,
-    NEED_GRAD_Y: tl.constexpr,
-    NDIM: tl.constexpr,
-    INDEX_64: tl.constexpr,
-    COMPUTE: tl.constexpr,
+    x_ptr, y_ptr, weight_ptr, pos_weight_ptr, grad_ptr,
+    grad_x_ptr, grad_y_ptr,  # outputs
+    numel, size1, size2, size3,  # the coalesced shape (size0 implied)
+    w_s0, w_s1, w_s2, w_s3,  # weight strides
+    p_s0, p_s1, p_s2, p_s3,  # pos_weight strides
+    g_s0, g_s1, g_s2, g_s3,  # upstream gradient strides
+    HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, NEED_GRAD_X: tl.constexpr,
+    NEED_GRAD_Y: tl.constexpr, NDIM: tl.constexpr, INDEX_64: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    if INDEX_64:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    g_offs = _broadcast_offsets(offs, size1, size2, size3, g_s0, g_s1, g_s2, g_s3, NDIM)
-    g = tl.load(grad_ptr + g_offs, mask=mask, other=0.0).to(COMPUTE)
+):  # fmt: skip
+    offs, mask, x, y = _load_block(x_ptr, y_ptr, numel, INDEX_64, COMPUTE, BLOCK)
+    g = _load_broadcast(
+        grad_ptr, offs, mask, 0.0, size1, size2, size3, g_s0, g_s1, g_s2, g_s3, NDIM, COMPUTE
+    )
     if HAS_WEIGHT:
-        w_offs = _broadcast_offsets(offs, size1, size2, size3, w_s0, w_s1, w_s2, w_s3, NDIM)
-        g = g * tl.load(weight_ptr + w_offs, mask=mask, other=0.0).to(COMPUTE)
+        g = g * _load_broadcast(
+            weight_ptr, offs, mask, 0.0, size1, size2, size3, w_s0, w_s1, w_s2, w_s3,
+            NDIM, COMPUTE,
+        )  # fmt: skip
     if HAS_POS_WEIGHT:
-        p_offs = _broadcast_offsets(offs, size1, size2, size3, p_s0, p_s1, p_s2, p_s3, NDIM)
-        pos_weight = tl.load(pos_weight_ptr + p_offs, mask=mask, other=1.0).to(COMPUTE)
+        pos_weight = _load_broadcast(
+            pos_weight_ptr, offs, mask, 1.0, size1, size2, size3, p_s0, p_s1, p_s2, p_s3,
+            NDIM, COMPUTE,
+        )  # fmt: skip
     if NEED_GRAD_X:
         sig = 1.0 / (1.0 + tl.exp(-x))
         if HAS_POS_WEIGHT:
@@ -255,13 +240,44 @@ def _needs_index_64(numel: int, block: int, views: list[torch.Tensor | None]) ->
     return numel + block >= 2**31 or any(e >= 2**31 for e in extents)
 
 
-def _block() -> tuple[int, int]:
-    """(elements per program, num_warps): 2048 x 8 warps on a GPU, 64 under the interpreter.
+def _launch(
+    kernel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    operands: list[torch.Tensor | None],
+    outputs: tuple[torch.Tensor, ...],
+    compute: torch.dtype,
+    **flags: bool,
+) -> None:
+    """Run ``kernel`` (either of the two above) over the contiguous ``x`` and ``y``.
 
-    On the GPU each thread handles 8 consecutive elements (two 16-byte loads per float32
-    operand), few enough registers for several programs per SM.
+    ``operands`` (weight, pos_weight, and for the backward the upstream gradient) are broadcast
+    to the input shape as views; ``outputs`` follow them among the kernel's arguments, ``flags``
+    are the kernel's own constexprs (REDUCE, NEED_GRAD_*).
     """
-    return (64, 1) if interpreting() else (2048, 8)
+    numel = x.numel()
+    sizes, ndim, strides, views = _prepare(x, operands)
+    w, p = views[0], views[1]
+    block, num_warps = bce_block()
+    kernel[(triton.cdiv(numel, block),)](
+        x,
+        y,
+        w if w is not None else x,
+        p if p is not None else x,
+        *views[2:],
+        *outputs,
+        numel,
+        *sizes[1:],
+        *(stride for operand_strides in strides for stride in operand_strides),
+        HAS_WEIGHT=w is not None,
+        HAS_POS_WEIGHT=p is not None,
+        NDIM=ndim,
+        INDEX_64=_needs_index_64(numel, block, views),
+        COMPUTE=tl_dtype(compute),
+        BLOCK=block,
+        num_warps=num_warps,
+        **flags,
+    )
 
 
 def forward(
@@ -285,34 +301,13 @@ def forward(
             return torch.empty(input.shape, dtype=target.dtype, device=input.device)
         total = torch.zeros((), dtype=stats_dtype, device=input.device)
         return (total / 0.0 if reduction == "mean" else total).to(target.dtype)
-    sizes, ndim, strides, (w, p) = _prepare(x, [weight, pos_weight])
-    block, num_warps = _block()
-    n_programs = triton.cdiv(numel, block)
     if reduction == "none":
         out = torch.empty(input.shape, dtype=target.dtype, device=input.device)
-    else:
+    else:  # one partial sum per program
+        n_programs = triton.cdiv(numel, bce_block()[0])
         out = torch.empty(n_programs, dtype=stats_dtype, device=input.device)
-    _forward_kernel[(n_programs,)](
-        x,
-        y,
-        w if w is not None else x,
-        p if p is not None else x,
-        out,
-        numel,
-        sizes[1],
-        sizes[2],
-        sizes[3],
-        *strides[0],
-        *strides[1],
-        HAS_WEIGHT=w is not None,
-        HAS_POS_WEIGHT=p is not None,
-        REDUCE=reduction != "none",
-        NDIM=ndim,
-        INDEX_64=_needs_index_64(numel, block, [w, p]),
-        COMPUTE=tl_dtype(stats_dtype),
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+    flags = dict(REDUCE=reduction != "none")
+    _launch(_forward_kernel, x, y, [weight, pos_weight], (out,), stats_dtype, **flags)
     if reduction == "none":
         return out
     total = out.sum()
@@ -351,31 +346,9 @@ def backward(
         return grad_x, grad_y
     if reduction == "mean":
         grad = grad / numel
-    sizes, ndim, strides, (w, p, g) = _prepare(x, [weight, pos_weight, grad])
-    block, num_warps = _block()
-    _backward_kernel[(triton.cdiv(numel, block),)](
-        x,
-        y,
-        w if w is not None else x,
-        p if p is not None else x,
-        g,
-        grad_x,
-        grad_y,
-        numel,
-        sizes[1],
-        sizes[2],
-        sizes[3],
-        *strides[0],
-        *strides[1],
-        *strides[2],
-        HAS_WEIGHT=w is not None,
-        HAS_POS_WEIGHT=p is not None,
-        NEED_GRAD_X=need_grad_input,
-        NEED_GRAD_Y=need_grad_target,
-        NDIM=ndim,
-        INDEX_64=_needs_index_64(numel, block, [w, p, g]),
-        COMPUTE=tl_dtype(compute_dtype(input.dtype, target.dtype)),
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+    _launch(
+        _backward_kernel, x, y, [weight, pos_weight, grad], (grad_x, grad_y),
+        compute_dtype(input.dtype, target.dtype),
+        NEED_GRAD_X=need_grad_input, NEED_GRAD_Y=need_grad_target,
+    )  # fmt: skip
     return grad_x, grad_y

@@ -1,9 +1,9 @@
 # Cross entropy on given logits: per-row softmax statistics (forward) and their gradient (backward).
 # - reads:  logits (N, V) in any float dtype and any strides, target (N,) int64, optional class
-#           weight (V,); the backward also reads the saved shift and logsum (N,) and the upstream
+#           weight (V,); the backward also reads the saved row_max and logsum (N,) and the upstream
 #           gradients of the three differentiable statistics, (N,) each.
-# - writes: forward: shift, logsum, target logit and (with label smoothing) the class-weighted
-#           logit sum, all relative to the shift, (N,) each, in float32 (float64 for float64
+# - writes: forward: row_max, logsum, target logit and (with label smoothing) the class-weighted
+#           logit sum, all relative to row_max, (N,) each, in float32 (float64 for float64
 #           logits). Backward: a NEW gradient tensor (N, V) in the logits dtype; the logits are
 #           never written.
 # - assumes: one program per row, online softmax over vocabulary blocks of BLOCK_V; targets were
@@ -13,7 +13,7 @@
 
 The forward computes, per row ``i`` of the (soft-capped) logits ``z``, with ``m_i`` the row max::
 
-    shift_i   = m_i                                   (0 if the row is all -inf)
+    row_max_i = m_i                                   (0 if the row is all -inf)
     logsum_i  = log Σ_c exp(z_ic - m_i)               (online: running max, rescaled sum)
     zt_i      = z_{i, t_i} - m_i                      (the target logit)
     smooth_i  = Σ_c w_c (z_ic - m_i)                  (label smoothing only; w_c = 1 unweighted)
@@ -22,18 +22,22 @@ so that ``lse_i = m_i + logsum_i`` is kept as an unevaluated sum (a double-float
 ``lse - z_t = logsum - zt`` and the softmax ``exp((z - m) - logsum)`` then carry no rounding of
 ``m + logsum``, which would cost up to half an ulp of ``m`` (5e-4 relative at logits of 1e4),
 and the smoothing sum cannot overflow or cancel (each term is <= 0, as in torch's
-``log_softmax``). The shift is treated as a constant (no gradient): every quantity built from the
+``log_softmax``). The row max is treated as a constant (no gradient): every quantity built from the
 statistics depends on ``z - m`` only through these differences, so that is exact.
 
 Every loss option (class weight on the target term, ignore_index, label smoothing, z-loss, all
-reductions) is a few elementwise torch ops on these (N,) vectors, in ``_ops.loss_from_stats``;
-autograd differentiates those ops and hands the backward kernel ``g_logsum``, ``g_zt``,
-``g_smooth``, from which::
+reductions) is a few elementwise torch ops on these (N,) vectors, defined once in
+``crossent.ops._stats`` (applied by ``_ops.loss_from_stats``); autograd differentiates those ops
+and hands the backward kernel ``g_logsum``, ``g_zt``, ``g_smooth``, from which::
 
     dL/dz_ic = g_logsum_i * softmax(z)_ic + g_zt_i * [c == t_i] + g_smooth_i * w_c
+
+The kernels hold no loss convention: ``_stats``' row factor ``(1-ε)·w_t + (ε/V)·W + 2ζ·lse``
+reaches them only as ``g_logsum``, ``-(1-ε)·w_t`` as ``g_zt`` and ``-(ε/V)`` as ``g_smooth`` (each
+times the reduction's row scale), so a change in ``_stats`` needs no kernel change.
     dL/dx_ic = dL/dz_ic * sech(x_ic / cap)**2             (soft-capping: z = cap*tanh(x/cap))
 
-Only shift and logsum (2N floats: the row's lse) are kept for the backward, which recomputes the
+Only row_max and logsum (2N floats: the row's lse) are kept for the backward, which recomputes the
 softmax. An ignored row has ``g_logsum = 0``, so its gradient is ``0 * softmax``: NaN where its
 logits are NaN or +inf, exactly as torch's ``log_softmax`` backward gives (``g - softmax * Σg``
 with ``g = 0``).
@@ -45,36 +49,26 @@ import torch
 import triton
 import triton.language as tl
 
+from .._stats import compute_dtype
 from ._helpers import softcap_slope, softcap_tanh
-from ._runtime import compute_dtype, interpreting, tl_dtype
+from ._launch import ce_block, option_flags
+from ._runtime import tl_dtype
 
 
 @triton.jit
 def _forward_kernel(
-    logits_ptr,
-    stride_row,
-    stride_col,
-    target_ptr,
-    stride_target,
-    class_weight_ptr,
-    shift_ptr,
-    logsum_ptr,
-    target_logit_ptr,
-    smooth_ptr,
-    n_classes,
-    softcap,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
+    logits_ptr, stride_row, stride_col, target_ptr, stride_target, class_weight_ptr,
+    row_max_ptr, logsum_ptr, target_logit_ptr, smooth_ptr,  # outputs, (N,) each
+    n_classes, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK_V)
 
     running_max = tl.full((), float("-inf"), COMPUTE)
-    shift = tl.full((), 0.0, COMPUTE)
+    shift = tl.full((), 0.0, COMPUTE)  # the running max, 0 while it is -inf
     running_sum = tl.full((), 0.0, COMPUTE)  # Σ exp(z - shift) over the blocks so far
     smooth = tl.full((), 0.0, COMPUTE)  # Σ w (z - shift) over the blocks so far
     weight_sum = tl.full((), 0.0, COMPUTE)  # Σ w over the blocks so far
@@ -113,7 +107,7 @@ def _forward_kernel(
     if HAS_SOFTCAP:
         zt = softcap_tanh(zt, softcap)
 
-    tl.store(shift_ptr + row, shift)
+    tl.store(row_max_ptr + row, shift)
     tl.store(logsum_ptr + row, logsum)
     tl.store(target_logit_ptr + row, zt - shift)
     if HAS_SMOOTHING:
@@ -122,32 +116,20 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    logits_ptr,
-    stride_row,
-    stride_col,
-    target_ptr,
-    stride_target,
-    class_weight_ptr,
-    shift_ptr,
-    logsum_ptr,
-    grad_logsum_ptr,
-    grad_target_logit_ptr,
-    grad_smooth_ptr,
-    grad_logits_ptr,
-    n_classes,
-    softcap,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
+    logits_ptr, stride_row, stride_col, target_ptr, stride_target, class_weight_ptr,
+    row_max_ptr, logsum_ptr,  # saved by the forward
+    grad_logsum_ptr, grad_target_logit_ptr, grad_smooth_ptr,  # upstream, (N,) each
+    grad_logits_ptr,  # output, (N, V)
+    n_classes, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     out_ptr = grad_logits_ptr + row * n_classes
     cols = tl.arange(0, BLOCK_V)
 
-    shift = tl.load(shift_ptr + row).to(COMPUTE)
+    row_max = tl.load(row_max_ptr + row).to(COMPUTE)
     logsum = tl.load(logsum_ptr + row).to(COMPUTE)
     g_logsum = tl.load(grad_logsum_ptr + row).to(COMPUTE)
     g_zt = tl.load(grad_target_logit_ptr + row).to(COMPUTE)
@@ -162,7 +144,7 @@ def _backward_kernel(
             z = softcap_tanh(x, softcap)
         else:
             z = x
-        grad = g_logsum * tl.exp((z - shift) - logsum) + tl.where(offs == t, g_zt, 0.0)
+        grad = g_logsum * tl.exp((z - row_max) - logsum) + tl.where(offs == t, g_zt, 0.0)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 w = tl.load(class_weight_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
@@ -174,19 +156,37 @@ def _backward_kernel(
         tl.store(out_ptr + offs, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_config(n_classes: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_V, num_warps). Small blocks under the interpreter so tests cross block edges.
+def _launch(
+    kernel,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    buffers: tuple[torch.Tensor, ...],
+    softcap: float,
+    with_smoothing: bool,
+) -> None:
+    """Run ``kernel`` (either of the two above) with one program per row.
 
-    On the GPU: up to 8192 classes per iteration (16 KB of bf16 per row and step), enough bytes
-    in flight per program to stream at bandwidth; 2048 for float64, whose soft-capped backward
-    spilled 704 bytes of stack at 8192. To be re-tuned with benchmarks/bench_gpu.py.
+    ``buffers`` are the kernel's arguments between ``class_weight_ptr`` and ``n_classes``; the
+    first of them stands in for an absent class weight (never read then).
     """
-    if interpreting():
-        return 32, 1
-    cap = 2048 if dtype == torch.float64 else 8192
-    block = min(cap, triton.next_power_of_2(max(n_classes, 1)))
-    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    return block, num_warps
+    n_rows, n_classes = logits.shape
+    block, num_warps = ce_block(n_classes, logits.dtype)
+    kernel[(n_rows,)](
+        logits,
+        logits.stride(0),
+        logits.stride(1),
+        target,
+        target.stride(0),
+        class_weight if class_weight is not None else buffers[0],
+        *buffers,
+        n_classes,
+        float(softcap),
+        **option_flags(softcap, with_smoothing, class_weight is not None),
+        COMPUTE=tl_dtype(compute_dtype(logits.dtype)),
+        BLOCK_V=block,
+        num_warps=num_warps,
+    )
 
 
 def forward(
@@ -196,9 +196,9 @@ def forward(
     softcap: float,
     with_smoothing: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (shift, logsum, target logit, weighted logit sum) of ``softcap(logits)``.
+    """Per-row (row_max, logsum, target logit, weighted logit sum) of ``softcap(logits)``.
 
-    See the module docstring for the definitions (the last three are relative to the shift).
+    See the module docstring for the definitions (the last three are relative to row_max).
 
     Args:
         logits: (N, V) floating, any strides.
@@ -210,42 +210,21 @@ def forward(
     Returns:
         Four (N,) tensors in float32 (float64 for float64 logits).
     """
-    n_rows, n_classes = logits.shape
-    shift, logsum, target_logit, smooth = (
+    n_rows = logits.shape[0]
+    stats = tuple(
         torch.zeros(n_rows, dtype=compute_dtype(logits.dtype), device=logits.device)
         for _ in range(4)
     )
-    if n_rows == 0:
-        return shift, logsum, target_logit, smooth
-    block, num_warps = _launch_config(n_classes, logits.dtype)
-    _forward_kernel[(n_rows,)](
-        logits,
-        logits.stride(0),
-        logits.stride(1),
-        target,
-        target.stride(0),
-        class_weight if class_weight is not None else shift,
-        shift,
-        logsum,
-        target_logit,
-        smooth,
-        n_classes,
-        float(softcap),
-        HAS_SOFTCAP=softcap != 0.0,
-        HAS_SMOOTHING=with_smoothing,
-        HAS_WEIGHT=class_weight is not None,
-        COMPUTE=tl_dtype(shift.dtype),
-        BLOCK_V=block,
-        num_warps=num_warps,
-    )
-    return shift, logsum, target_logit, smooth
+    if n_rows > 0:
+        _launch(_forward_kernel, logits, target, class_weight, stats, softcap, with_smoothing)
+    return stats
 
 
 def backward(
     logits: torch.Tensor,
     target: torch.Tensor,
     class_weight: torch.Tensor | None,
-    shift: torch.Tensor,
+    row_max: torch.Tensor,
     logsum: torch.Tensor,
     grad_logsum: torch.Tensor,
     grad_target_logit: torch.Tensor,
@@ -262,27 +241,7 @@ def backward(
     grad_logits = torch.empty((n_rows, n_classes), dtype=logits.dtype, device=logits.device)
     if n_rows == 0 or n_classes == 0:
         return grad_logits
-    block, num_warps = _launch_config(n_classes, logits.dtype)
-    _backward_kernel[(n_rows,)](
-        logits,
-        logits.stride(0),
-        logits.stride(1),
-        target,
-        target.stride(0),
-        class_weight if class_weight is not None else logsum,
-        shift,
-        logsum,
-        grad_logsum.contiguous(),
-        grad_target_logit.contiguous(),
-        grad_smooth.contiguous(),
-        grad_logits,
-        n_classes,
-        float(softcap),
-        HAS_SOFTCAP=softcap != 0.0,
-        HAS_SMOOTHING=with_smoothing,
-        HAS_WEIGHT=class_weight is not None,
-        COMPUTE=tl_dtype(compute_dtype(logits.dtype)),
-        BLOCK_V=block,
-        num_warps=num_warps,
-    )
+    grads = (grad_logsum.contiguous(), grad_target_logit.contiguous(), grad_smooth.contiguous())
+    buffers = (row_max, logsum, *grads, grad_logits)
+    _launch(_backward_kernel, logits, target, class_weight, buffers, softcap, with_smoothing)
     return grad_logits

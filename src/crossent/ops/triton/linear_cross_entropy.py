@@ -1,9 +1,9 @@
 # Linear cross entropy: logits = input @ linear_weight.T + bias, fused with the softmax statistics.
 # - reads:  input (N, D), linear_weight (V, D), optional bias (V,), target (N,) int64, optional
-#           class weight (V,); the backward also reads the saved shift and logsum (N,) and the
+#           class weight (V,); the backward also reads the saved row_max and logsum (N,) and the
 #           upstream gradients of the three differentiable statistics, (N,) each.
 # - writes: forward: per-(row, vocabulary slice) partial statistics (N, S), merged on the host
-#           into shift, logsum, target logit and weighted logit sum, (N,) each. Backward:
+#           into row_max, logsum, target logit and weighted logit sum, (N,) each. Backward:
 #           gradients w.r.t. input, linear_weight and bias, accumulated with atomic adds into
 #           zeroed float32 buffers (float64 for float64 data), cast to the parameters' dtypes.
 # - assumes: logit tiles of BLOCK_N x BLOCK_V live only in registers (N x V logits never reach
@@ -13,9 +13,9 @@
 #           loaded into the weight-gradient products and their input-gradient rows stay 0).
 """Triton kernels for linear cross entropy (a classifier layer fused with cross entropy).
 
-The statistics are those of ``cross_entropy.py`` (see its docstring): per row the shift
-``m`` (row max), ``logsum = log Σ exp(z - m)`` (so ``lse = m + logsum``, unevaluated), the target
-logit and the class-weighted logit sum relative to ``m``.
+The statistics are those of ``cross_entropy.py`` (see its docstring): per row ``row_max`` ``m``,
+``logsum = log Σ exp(z - m)`` (so ``lse = m + logsum``, unevaluated), the target logit and the
+class-weighted logit sum relative to ``m``.
 
 Forward, per program (a block of BLOCK_N rows, one of S slices of the vocabulary): for each
 vocabulary tile, ``acc = X[rows] @ W[cols].T`` is accumulated over BLOCK_D slices of the hidden
@@ -34,6 +34,10 @@ then, for each BLOCK_D slice, ``dX[rows] += dz @ W[cols]`` and ``dW[cols] += dz.
 (``tl.dot``, then atomic adds into float32 buffers) and ``db[cols] += Σ_rows dz``. No gradient
 filtering: every tile is computed, so the gradients are exact up to float32 rounding; the order
 of the atomic additions is not fixed, so the last bits may vary from run to run on a GPU.
+
+As in ``cross_entropy.py``, the kernels hold no loss convention (``crossent.ops._stats`` does,
+and reaches them only through ``g_logsum``, ``g_zt``, ``g_smooth``). The tile sizes and launch
+options are chosen in ``_launch.py`` (:func:`~._launch.lce_tiles`, :func:`~._launch.dot_flags`).
 """
 
 from __future__ import annotations
@@ -42,34 +46,25 @@ import torch
 import triton
 import triton.language as tl
 
+from .._stats import compute_dtype
 from ._helpers import dot_acc, softcap_slope, softcap_tanh
-from ._runtime import compute_dtype, interpreting, sm_count, tl_dtype
+from ._launch import dot_flags, lce_tiles, option_flags
+from ._runtime import sm_count, tl_dtype
 
 
 @triton.jit
 def _logit_tile(
-    x_ptr,
-    stride_xn,
-    stride_xd,
-    w_ptr,
-    stride_wv,
-    stride_wd,
-    b_ptr,
-    stride_b,
-    rows64,
-    row_mask,
-    cols64,
-    col_mask,
-    D,
-    HAS_BIAS: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    IEEE_DOT: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """(BLOCK_N, BLOCK_V) tile of X @ W.T + b in COMPUTE precision (before soft-capping)."""
+    x_ptr, stride_xn, stride_xd, w_ptr, stride_wv, stride_wd, b_ptr, stride_b,
+    rows64, row_mask, v_start, v_end, D,
+    HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The (BLOCK_N, BLOCK_V) tile of X @ W.T + b at classes ``v_start + [0, BLOCK_V)`` in COMPUTE
+    precision (before soft-capping), with its classes ``cols``, ``cols64`` and ``col_mask``
+    (classes below ``v_end``)."""
+    cols = v_start + tl.arange(0, BLOCK_V)
+    col_mask = cols < v_end
+    cols64 = cols.to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=COMPUTE)
     dims = tl.arange(0, BLOCK_D)
     for d_start in range(0, D, BLOCK_D):
@@ -89,43 +84,19 @@ def _logit_tile(
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols64 * stride_b, mask=col_mask, other=0.0).to(COMPUTE)
         acc += bias[None, :]
-    return acc
+    return acc, cols, cols64, col_mask
 
 
 @triton.jit
 def _forward_kernel(
-    x_ptr,
-    stride_xn,
-    stride_xd,
-    w_ptr,
-    stride_wv,
-    stride_wd,
-    b_ptr,
-    stride_b,
-    target_ptr,
-    class_weight_ptr,
-    part_max_ptr,
-    part_sum_ptr,
-    part_target_ptr,
-    part_smooth_ptr,
-    part_weight_sum_ptr,
-    N,
-    V,
-    D,
-    softcap,
-    tiles_per_split,
-    n_splits,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    IEEE_DOT: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    x_ptr, stride_xn, stride_xd, w_ptr, stride_wv, stride_wd, b_ptr, stride_b,
+    target_ptr, class_weight_ptr,
+    part_max_ptr, part_sum_ptr, part_target_ptr, part_smooth_ptr, part_weight_sum_ptr,  # (N, S)
+    N, V, D, softcap, tiles_per_split, n_splits,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -134,7 +105,7 @@ def _forward_kernel(
     target = tl.load(target_ptr + rows64, mask=row_mask, other=-1)
 
     running_max = tl.full((BLOCK_N,), float("-inf"), COMPUTE)
-    shift = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+    shift = tl.zeros((BLOCK_N,), dtype=COMPUTE)  # the running max, 0 while it is -inf
     running_sum = tl.zeros((BLOCK_N,), dtype=COMPUTE)  # Σ exp(z - shift)
     target_logit = tl.zeros((BLOCK_N,), dtype=COMPUTE)  # raw z_t (0 if not in this slice)
     smooth = tl.zeros((BLOCK_N,), dtype=COMPUTE)  # Σ w (z - shift)
@@ -142,12 +113,9 @@ def _forward_kernel(
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
     for v_start in range(v_begin, v_end, BLOCK_V):
-        cols = v_start + tl.arange(0, BLOCK_V)
-        col_mask = cols < v_end
-        cols64 = cols.to(tl.int64)
-        z = _logit_tile(
+        z, cols, cols64, col_mask = _logit_tile(
             x_ptr, stride_xn, stride_xd, w_ptr, stride_wv, stride_wd, b_ptr, stride_b,
-            rows64, row_mask, cols64, col_mask, D,
+            rows64, row_mask, v_start, v_end, D,
             HAS_BIAS, UPCAST_DOT, IEEE_DOT, COMPUTE, BLOCK_N, BLOCK_V, BLOCK_D,
         )  # fmt: skip
         if HAS_SOFTCAP:
@@ -184,44 +152,18 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    x_ptr,
-    stride_xn,
-    stride_xd,
-    w_ptr,
-    stride_wv,
-    stride_wd,
-    b_ptr,
-    stride_b,
-    target_ptr,
-    class_weight_ptr,
-    shift_ptr,
-    logsum_ptr,
-    grad_logsum_ptr,
-    grad_target_logit_ptr,
-    grad_smooth_ptr,
-    grad_x_ptr,
-    grad_w_ptr,
-    grad_b_ptr,
-    N,
-    V,
-    D,
-    ignore_index,
-    softcap,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    NEED_GRAD_X: tl.constexpr,
-    NEED_GRAD_W: tl.constexpr,
-    NEED_GRAD_B: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    IEEE_DOT: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    x_ptr, stride_xn, stride_xd, w_ptr, stride_wv, stride_wd, b_ptr, stride_b,
+    target_ptr, class_weight_ptr,
+    row_max_ptr, logsum_ptr,  # saved by the forward
+    grad_logsum_ptr, grad_target_logit_ptr, grad_smooth_ptr,  # upstream, (N,) each
+    grad_x_ptr, grad_w_ptr, grad_b_ptr,  # outputs, zeroed accumulators
+    N, V, D, ignore_index, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, NEED_GRAD_X: tl.constexpr, NEED_GRAD_W: tl.constexpr,
+    NEED_GRAD_B: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     GROUP_N: tl.constexpr,
-):
+):  # fmt: skip
     # Grouped tile order: GROUP_N row blocks sweep the vocabulary together, so the programs
     # running at one time share their input rows and weight tiles in L2.
     pid = tl.program_id(0)
@@ -239,22 +181,19 @@ def _backward_kernel(
     target = tl.load(target_ptr + rows64, mask=row_mask, other=0)
     active = row_mask & (target != ignore_index)
     if tl.sum(active.to(tl.int32), 0) > 0:  # a tile of ignored (or padding) rows does nothing
-        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        cols64 = cols.to(tl.int64)
-        z = _logit_tile(
+        z, cols, cols64, col_mask = _logit_tile(
             x_ptr, stride_xn, stride_xd, w_ptr, stride_wv, stride_wd, b_ptr, stride_b,
-            rows64, row_mask, cols64, col_mask, D,
+            rows64, row_mask, pid_v * BLOCK_V, V, D,
             HAS_BIAS, UPCAST_DOT, IEEE_DOT, COMPUTE, BLOCK_N, BLOCK_V, BLOCK_D,
         )  # fmt: skip
         if HAS_SOFTCAP:
             raw = z
             z = softcap_tanh(raw, softcap)
-        shift = tl.load(shift_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
+        row_max = tl.load(row_max_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
         logsum = tl.load(logsum_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
         g_logsum = tl.load(grad_logsum_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
         g_zt = tl.load(grad_target_logit_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
-        dz = g_logsum[:, None] * tl.exp((z - shift[:, None]) - logsum[:, None])
+        dz = g_logsum[:, None] * tl.exp((z - row_max[:, None]) - logsum[:, None])
         dz += tl.where(cols[None, :] == target[:, None], g_zt[:, None], 0.0)
         if HAS_SMOOTHING:
             g_smooth = tl.load(grad_smooth_ptr + rows64, mask=row_mask, other=0.0).to(COMPUTE)
@@ -308,41 +247,44 @@ def _backward_kernel(
                 )
 
 
-def _config(dtype: torch.dtype, backward: bool, softcap: bool = False) -> dict[str, int]:
-    """Tile sizes and launch options.
-
-    Interpreter: the smallest tiles ``tl.dot`` accepts (16), so tests with small shapes still
-    cross tile edges. GPU (Hopper), chosen from the sm_90 compile report of
-    ``python -m crossent.ops.triton._compile_check`` (registers, stack), not yet from timings:
-
-    * 16-bit data: 128 x 128 logit tiles (wgmma), 8 warps; the forward streams 64-wide hidden
-      slices in 3 stages; the backward holds the dz tile and two products, so its hidden slices
-      are 32 wide to stay in registers (64 spilled 880 bytes of stack per thread), and with
-      soft-capping (one more live tile: the slope) its tiles are 64 x 128 (128 x 128 spilled
-      464 bytes).
-    * float32/float64: 32 x 64 x 32 tiles, 4 warps; their products run on the FMA units (or TF32
-      when torch's float32 matmul precision allows it) and larger tiles spill.
-    """
-    if interpreting():
-        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, GROUP_N=2, num_warps=1, num_stages=1)
-    if dtype in (torch.float16, torch.bfloat16):
-        if not backward:
-            return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8, num_warps=8, num_stages=3)
-        block_n = 64 if softcap else 128
-        return dict(BLOCK_N=block_n, BLOCK_V=128, BLOCK_D=32, GROUP_N=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, GROUP_N=8, num_warps=4, num_stages=2)
+def _operands(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+) -> tuple:
+    """The kernels' first ten arguments, ``x_ptr`` to ``class_weight_ptr`` (the input stands in
+    for an absent bias or class weight; never read then)."""
+    return (
+        input,
+        input.stride(0),
+        input.stride(1),
+        linear_weight,
+        linear_weight.stride(0),
+        linear_weight.stride(1),
+        linear_bias if linear_bias is not None else input,
+        linear_bias.stride(0) if linear_bias is not None else 0,
+        target,
+        class_weight if class_weight is not None else input,
+    )
 
 
-def _dot_flags(dtype: torch.dtype) -> dict[str, bool]:
-    """UPCAST_DOT for bfloat16 under the interpreter; IEEE_DOT as torch's matmul would compute.
-
-    torch multiplies float32 matrices exactly unless ``torch.set_float32_matmul_precision`` was
-    lowered ('high'/'medium' allow TF32), so the kernels follow that setting.
-    """
-    exact_fp32 = torch.get_float32_matmul_precision() == "highest"
+def _constexprs(
+    input: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    class_weight: torch.Tensor | None,
+    softcap: float,
+    with_smoothing: bool,
+    backward: bool,
+) -> dict:
+    """The launch keywords both kernels take: option flags, dot flags, tiles, warps, stages."""
     return dict(
-        UPCAST_DOT=interpreting() and dtype == torch.bfloat16,
-        IEEE_DOT=dtype == torch.float64 or (dtype == torch.float32 and exact_fp32),
+        HAS_BIAS=linear_bias is not None,
+        **option_flags(softcap, with_smoothing, class_weight is not None),
+        COMPUTE=tl_dtype(compute_dtype(input.dtype)),
+        **dot_flags(input.dtype),
+        **lce_tiles(input.dtype, backward=backward, softcap=softcap != 0.0),
     )
 
 
@@ -355,10 +297,10 @@ def forward(
     softcap: float,
     with_smoothing: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (shift, logsum, target logit, weighted logit sum) of ``softcap(x @ W.T + b)``.
+    """Per-row (row_max, logsum, target logit, weighted logit sum) of ``softcap(x @ W.T + b)``.
 
-    The statistics of ``cross_entropy.forward`` (see that module's docstring): ``lse = shift +
-    logsum`` as an unevaluated sum, the last two relative to the shift.
+    The statistics of ``cross_entropy.forward`` (see that module's docstring): ``lse = row_max +
+    logsum`` as an unevaluated sum, the last two relative to row_max.
 
     Args:
         input: (N, D) floating, any strides.
@@ -376,9 +318,10 @@ def forward(
     n_classes = linear_weight.shape[0]
     stats_dtype = compute_dtype(input.dtype)
     device = input.device
-    cfg = _config(input.dtype, backward=False)
-    n_row_blocks = triton.cdiv(n_rows, cfg["BLOCK_N"])
-    n_col_tiles = triton.cdiv(n_classes, cfg["BLOCK_V"])
+    options = (softcap, with_smoothing)
+    constexprs = _constexprs(input, linear_bias, class_weight, *options, backward=False)
+    n_row_blocks = triton.cdiv(n_rows, constexprs["BLOCK_N"])
+    n_col_tiles = triton.cdiv(n_classes, constexprs["BLOCK_V"])
     if n_rows == 0 or n_classes == 0:
         zeros = [torch.zeros(n_rows, dtype=stats_dtype, device=device) for _ in range(4)]
         zeros[1].fill_(float("-inf"))  # logsum of no classes
@@ -387,52 +330,28 @@ def forward(
     splits = max(1, min(n_col_tiles, triton.cdiv(2 * sm_count(device), n_row_blocks)))
     tiles_per_split = triton.cdiv(n_col_tiles, splits)
     splits = triton.cdiv(n_col_tiles, tiles_per_split)
-    part_max, part_sum, part_target, part_smooth, part_weight_sum = (
-        torch.zeros((n_rows, splits), dtype=stats_dtype, device=device) for _ in range(5)
-    )
+    parts = tuple(torch.zeros((n_rows, splits), dtype=stats_dtype, device=device) for _ in range(5))
+    part_max, part_sum, part_target, part_smooth, part_weight_sum = parts
     _forward_kernel[(n_row_blocks, splits)](
-        input,
-        input.stride(0),
-        input.stride(1),
-        linear_weight,
-        linear_weight.stride(0),
-        linear_weight.stride(1),
-        linear_bias if linear_bias is not None else input,
-        linear_bias.stride(0) if linear_bias is not None else 0,
-        target,
-        class_weight if class_weight is not None else input,
-        part_max,
-        part_sum,
-        part_target,
-        part_smooth,
-        part_weight_sum,
+        *_operands(input, linear_weight, linear_bias, target, class_weight),
+        *parts,
         n_rows,
         n_classes,
         hidden,
         float(softcap),
         tiles_per_split,
         splits,
-        HAS_BIAS=linear_bias is not None,
-        HAS_SOFTCAP=softcap != 0.0,
-        HAS_SMOOTHING=with_smoothing,
-        HAS_WEIGHT=class_weight is not None,
-        COMPUTE=tl_dtype(stats_dtype),
-        BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_V=cfg["BLOCK_V"],
-        BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-        **_dot_flags(input.dtype),
+        **constexprs,
     )
-    # Merge the vocabulary slices onto the row's overall shift (each slice's sums are relative
-    # to its own shift; a slice of -inf logits has max -inf, shift 0 and sums 0).
-    row_max = part_max.amax(dim=1)
-    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    # Merge the vocabulary slices onto the row's overall max (each slice's sums are relative to
+    # its own shift, its max or 0; a slice of -inf logits has max -inf, shift 0 and sums 0).
+    overall_max = part_max.amax(dim=1)
+    row_max = torch.where(overall_max == float("-inf"), 0.0, overall_max)
     part_shift = torch.where(part_max == float("-inf"), 0.0, part_max)
-    logsum = (part_sum * torch.exp(part_max - shift[:, None])).sum(dim=1).log()
-    target_logit = part_target.sum(dim=1) - shift
-    smooth = (part_smooth - (shift[:, None] - part_shift) * part_weight_sum).sum(dim=1)
-    return shift, logsum, target_logit, smooth
+    logsum = (part_sum * torch.exp(part_max - row_max[:, None])).sum(dim=1).log()
+    target_logit = part_target.sum(dim=1) - row_max
+    smooth = (part_smooth - (row_max[:, None] - part_shift) * part_weight_sum).sum(dim=1)
+    return row_max, logsum, target_logit, smooth
 
 
 def backward(
@@ -441,7 +360,7 @@ def backward(
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
     class_weight: torch.Tensor | None,
-    shift: torch.Tensor,
+    row_max: torch.Tensor,
     logsum: torch.Tensor,
     grad_logsum: torch.Tensor,
     grad_target_logit: torch.Tensor,
@@ -472,20 +391,13 @@ def backward(
     )
     grad_b = torch.zeros((n_classes,) if need_grad_bias else (0,), dtype=acc_dtype, device=device)
     if n_rows > 0 and n_classes > 0 and (need_grad_input or need_grad_weight or need_grad_bias):
-        cfg = _config(input.dtype, backward=True, softcap=softcap != 0.0)
-        n_tiles = triton.cdiv(n_rows, cfg["BLOCK_N"]) * triton.cdiv(n_classes, cfg["BLOCK_V"])
+        options = (softcap, with_smoothing)
+        constexprs = _constexprs(input, linear_bias, class_weight, *options, backward=True)
+        n_tiles = triton.cdiv(n_rows, constexprs["BLOCK_N"])
+        n_tiles *= triton.cdiv(n_classes, constexprs["BLOCK_V"])
         _backward_kernel[(n_tiles,)](
-            input,
-            input.stride(0),
-            input.stride(1),
-            linear_weight,
-            linear_weight.stride(0),
-            linear_weight.stride(1),
-            linear_bias if linear_bias is not None else input,
-            linear_bias.stride(0) if linear_bias is not None else 0,
-            target,
-            class_weight if class_weight is not None else input,
-            shift,
+            *_operands(input, linear_weight, linear_bias, target, class_weight),
+            row_max,
             logsum,
             grad_logsum.contiguous(),
             grad_target_logit.contiguous(),
@@ -498,21 +410,10 @@ def backward(
             hidden,
             ignore_index,
             float(softcap),
-            HAS_BIAS=linear_bias is not None,
-            HAS_SOFTCAP=softcap != 0.0,
-            HAS_SMOOTHING=with_smoothing,
-            HAS_WEIGHT=class_weight is not None,
             NEED_GRAD_X=need_grad_input,
             NEED_GRAD_W=need_grad_weight,
             NEED_GRAD_B=need_grad_bias,
-            COMPUTE=tl_dtype(acc_dtype),
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_V=cfg["BLOCK_V"],
-            BLOCK_D=cfg["BLOCK_D"],
-            GROUP_N=cfg["GROUP_N"],
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
-            **_dot_flags(input.dtype),
+            **constexprs,
         )
     return (
         grad_x.to(input.dtype),
