@@ -1,0 +1,360 @@
+"""``crossent.integrations.transformers.apply`` under torch's data-parallel engines: FSDP2
+(``fully_shard`` per decoder layer and at the root, the order transformers' Trainer uses) and
+DDP, in a gloo group of 2 CPU processes.
+
+Every rank builds the same tiny float64 Llama from a config (seeded), and its own micro-batch.
+The reference is single-process torch: the unpatched model with a float64 ``ForCausalLMLoss``
+(set through ``model.loss_function``) run on every rank's micro-batch, the losses averaged over
+ranks — what data parallelism computes when each rank's gradient is averaged. Each rank wraps
+a copy of the model (patched before or after wrapping), runs one training step and one SGD
+step, and compares the loss (averaged over ranks), every parameter's gradient (FSDP's sharded
+gradients gathered with ``full_tensor()``) and every parameter after the step with the
+reference, to 1e-10. An unpatched wrapped model is the control.
+
+One pool of 2 rank processes serves the module; collectives time out after 30 s and the parent
+waits at most 120 s per case, so a hang fails instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with the gloo backend",
+)
+
+WORLD = 2
+COLLECTIVE_TIMEOUT_S = 30
+CASE_TIMEOUT_S = 120
+TIGHT = {"rtol": 1e-10, "atol": 1e-12}
+LR = 0.5
+VOCAB = 96
+REPO = Path(__file__).resolve().parents[1]
+
+_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# What every rank runs (in a spawned process)
+# --------------------------------------------------------------------------------------------
+
+
+def _llama(tied: bool) -> torch.nn.Module:
+    torch.manual_seed(0)  # the same weights on every rank
+    config = transformers.LlamaConfig(**_TEXT, tie_word_embeddings=tied)
+    return transformers.LlamaForCausalLM(config).to(torch.float64).train()
+
+
+def _batch(seed: int, num_items: int | None) -> dict:
+    """A micro-batch of 2 sequences with a masked prompt; its length and mask depend on seed."""
+    gen = torch.Generator().manual_seed(seed)
+    seq = 9 + seed % 3
+    input_ids = torch.randint(3, VOCAB, (2, seq), generator=gen)
+    labels = input_ids.clone()
+    labels[0, : 2 + seed % 4] = -100
+    batch = {"input_ids": input_ids, "labels": labels}
+    if num_items is not None:
+        batch["num_items_in_batch"] = torch.tensor(num_items)
+    return batch
+
+
+def _batches(case: dict, world: int) -> list[dict]:
+    seeds = [1 + r if case.get("different", True) else 1 for r in range(world)]
+    if not case.get("num_items"):
+        return [_batch(s, None) for s in seeds]
+    # Gradient accumulation across ranks: every rank divides by the kept tokens of all ranks.
+    kept = sum(int((_batch(s, None)["labels"][:, 1:] != -100).sum()) for s in seeds)
+    return [_batch(s, kept) for s in seeds]
+
+
+def _float64_causal_lm_loss(
+    logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **_
+):
+    """transformers' ForCausalLMLoss without its float32 upcast: the float64 reference."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    logits = logits.reshape(-1, vocab_size).double()
+    target = shift_labels.reshape(-1)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    return loss / num_items_in_batch
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP's sharded parameter or gradient) gathered; a plain tensor as is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _wrap(model: torch.nn.Module, engine: str, head_own_group: bool) -> torch.nn.Module:
+    if engine == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    if head_own_group:
+        fully_shard(model.lm_head)
+    fully_shard(model)
+    return model
+
+
+def _run_step(rank: int, world: int, case: dict) -> dict:
+    """One training step of the wrapped model against single-process torch."""
+    from crossent.integrations import transformers as hf
+
+    base = _llama(case["tied"])
+    batches = _batches(case, world)
+
+    reference = copy.deepcopy(base)
+    reference.loss_function = _float64_causal_lm_loss
+    ref_loss = sum(reference(**b).loss for b in batches) / world
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
+    torch.optim.SGD(reference.parameters(), lr=LR).step()
+
+    model = copy.deepcopy(base)
+    if case["apply"] == "none":
+        model.loss_function = _float64_causal_lm_loss  # the control: torch and transformers
+    elif case["apply"] == "before":
+        hf.apply(model, chunk_size=7)
+    wrapped = _wrap(model, case["engine"], case.get("head_own_group", False))
+    if case["apply"] == "after":
+        assert hf.apply(wrapped, chunk_size=7) is wrapped
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=LR)
+    out = wrapped(**batches[rank])
+    out.loss.backward()
+    loss = out.loss.detach().clone()
+    torch.distributed.all_reduce(loss)
+    grads = {n: _full(p.grad) for n, p in model.named_parameters()}
+    optimizer.step()
+    after = {n: _full(p.detach()) for n, p in model.named_parameters()}
+    ref_after = dict(reference.named_parameters())
+    return {
+        "patched": hf.is_patched(wrapped),
+        "logits_none": out.logits is None,
+        "loss": (loss / world).item(),
+        "ref_loss": ref_loss.item(),
+        "names": sorted(grads) == sorted(ref_grads),
+        "grad_diff": {n: (g - ref_grads[n]).abs().max().item() for n, g in grads.items()},
+        "grad_scale": max(g.abs().max().item() for g in ref_grads.values()),
+        "step_diff": {n: (p - ref_after[n]).abs().max().item() for n, p in after.items()},
+    }
+
+
+def _run_lm_head_loss(rank: int, world: int, case: dict) -> dict:
+    """``lm_head_loss`` with an output embedding sharded by ``fully_shard`` of its own, called
+    outside any forward: the head's own call gathers its weight."""
+    from torch.distributed.fsdp import fully_shard
+
+    from crossent.integrations import transformers as hf
+
+    base = _llama(False)
+    batches = _batches(case, world)
+    reference = copy.deepcopy(base)
+    hidden = [reference.model(b["input_ids"]).last_hidden_state.detach() for b in batches]
+    pairs = zip(hidden, batches, strict=True)
+    ref_loss = sum(hf.lm_head_loss(h, reference.lm_head, b["labels"]) for h, b in pairs)
+    (ref_loss / world).backward()
+    model = copy.deepcopy(base)
+    fully_shard(model.lm_head)
+    sharded_before = type(model.lm_head.weight).__name__
+    loss = hf.lm_head_loss(hidden[rank], model.lm_head, batches[rank]["labels"])
+    loss.backward()
+    grad = _full(model.lm_head.weight.grad)
+    return {
+        "sharded_before": sharded_before,
+        "grad_diff": (grad - reference.lm_head.weight.grad).abs().max().item(),
+        "grad_scale": reference.lm_head.weight.grad.abs().max().item(),
+    }
+
+
+_RUNNERS = {"step": _run_step, "lm_head_loss": _run_lm_head_loss}
+
+
+def _rank_main(rank: int, world: int, store: str, inbox, outbox, timeout_s: float) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    try:
+        while (case := inbox.get()) is not None:
+            try:
+                result = ("ok", _RUNNERS[case["kind"]](rank, world, case))
+            except Exception as exc:  # noqa: BLE001 - the parent reports it
+                result = ("error", f"{type(exc).__name__}: {exc}")
+            outbox.put((rank, result))
+    finally:
+        torch.distributed.destroy_process_group()
+        outbox.put((rank, ("closed", None)))  # the parent ends the process: exiting a
+        # process that imported transformers takes seconds
+
+
+# --------------------------------------------------------------------------------------------
+# The parent side
+# --------------------------------------------------------------------------------------------
+
+
+class RankPool:
+    """``world`` spawned processes in one gloo group, running cases on request."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self._tmp = tempfile.TemporaryDirectory(prefix="crossent-fsdp-")
+        ctx = mp.get_context("spawn")
+        self._inboxes = [ctx.Queue() for _ in range(world)]
+        self._outbox = ctx.Queue()
+        store = os.path.join(self._tmp.name, "store")
+        self._procs = [
+            ctx.Process(
+                target=_rank_main,
+                args=(r, world, store, self._inboxes[r], self._outbox, COLLECTIVE_TIMEOUT_S),
+                daemon=True,
+            )
+            for r in range(world)
+        ]
+        for proc in self._procs:
+            proc.start()
+        self.broken = False
+
+    def run(self, case: dict) -> list[dict]:
+        """Run ``case`` on every rank; the per-rank results in rank order."""
+        if self.broken:
+            pytest.fail("the rank pool is broken by an earlier timeout")
+        for inbox in self._inboxes:
+            inbox.put(case)
+        results: dict[int, tuple] = {}
+        while len(results) < self.world:
+            try:
+                rank, result = self._outbox.get(timeout=CASE_TIMEOUT_S)
+            except queue.Empty:
+                self.broken = True
+                pytest.fail(f"no answer within {CASE_TIMEOUT_S} s: {case}")
+            results[rank] = result
+        for rank, (status, payload) in sorted(results.items()):
+            if status != "ok":
+                pytest.fail(f"rank {rank} failed on {case}: {payload}")
+        return [results[r][1] for r in range(self.world)]
+
+    def close(self) -> None:
+        for inbox in self._inboxes:
+            inbox.put(None)
+        closed = 0
+        with contextlib.suppress(queue.Empty):
+            while closed < self.world:
+                closed += self._outbox.get(timeout=10)[1][0] == "closed"
+        for proc in self._procs:
+            proc.terminate()
+            proc.join(timeout=10)
+        self._tmp.cleanup()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    made = RankPool(WORLD)
+    yield made
+    made.close()
+
+
+def _check_step(results: list[dict], case: dict) -> None:
+    for rank, res in enumerate(results):
+        where = f"rank {rank}, case {case}"
+        assert res["patched"] == (case["apply"] != "none"), where
+        assert res["logits_none"] == (case["apply"] != "none"), where
+        assert res["names"], where
+        torch.testing.assert_close(res["loss"], res["ref_loss"], **TIGHT, msg=where)
+        tol = TIGHT["atol"] + TIGHT["rtol"] * res["grad_scale"]
+        for what in ("grad_diff", "step_diff"):
+            worst = max(res[what].items(), key=lambda item: item[1])
+            assert worst[1] <= tol, f"{what} {worst} > {tol}: {where}"
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("apply", ["before", "after", "none"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fully_shard_per_layer_and_root(pool, tied, apply):
+    """The patched loss reads the head's weight inside the root's forward (where FSDP has
+    gathered it) and its gradient reaches FSDP's reduce-scatter: loss, every gradient and the
+    optimizer step equal single-process torch."""
+    case = {"kind": "step", "engine": "fsdp", "tied": tied, "apply": apply}
+    _check_step(pool.run(case), case)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"different": False}, {"num_items": True}],
+    ids=["same_micro_batch", "num_items_in_batch"],
+)
+def test_fully_shard_micro_batches(pool, options):
+    case = {"kind": "step", "engine": "fsdp", "tied": False, "apply": "before", **options}
+    _check_step(pool.run(case), case)
+
+
+def test_fully_shard_head_in_its_own_group(pool):
+    """An output embedding wrapped by ``fully_shard`` of its own: its weight is sharded during
+    the root's forward, so the loss is computed inside the head's own call."""
+    case = {"kind": "step", "engine": "fsdp", "tied": False, "apply": "before"}
+    case["head_own_group"] = True
+    _check_step(pool.run(case), case)
+
+
+@pytest.mark.parametrize("apply", ["before", "after"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_ddp(pool, tied, apply):
+    """DDP: the patched forward runs inside DDP's; ``apply(ddp)`` patches the wrapped model."""
+    case = {"kind": "step", "engine": "ddp", "tied": tied, "apply": apply}
+    _check_step(pool.run(case), case)
+
+
+def test_lm_head_loss_with_a_sharded_head(pool):
+    for res in pool.run({"kind": "lm_head_loss"}):
+        assert res["sharded_before"] == "DTensor"
+        assert res["grad_diff"] <= TIGHT["atol"] + TIGHT["rtol"] * res["grad_scale"]
+
+
+def test_example_runs_under_torchrun():
+    """The documented command: ``torchrun --nproc-per-node 2 examples/fsdp_finetune.py``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(REPO / "examples" / "fsdp_finetune.py"), "--steps", "6"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    losses = [float(v) for v in re.findall(r"step \d+ loss ([0-9.]+)", proc.stdout)]
+    assert len(losses) == 6, proc.stdout
+    assert losses[-1] < losses[0], proc.stdout
