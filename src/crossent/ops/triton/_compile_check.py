@@ -53,8 +53,7 @@ def _variants(quick: bool):
     lce = kernels("linear_cross_entropy")
 
     out = []
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    dtypes["fp64"] = torch.float64
+    dtypes = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32, fp64=torch.float64)
     for dtype, compute in [("bf16", tl.float32), ("fp64", tl.float64)]:
         if quick and dtype == "fp64":
             continue
