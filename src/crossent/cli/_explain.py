@@ -85,10 +85,12 @@ def explain(problem: Problem, max_rows: int = 20) -> Explanation:
 
 
 def index_label(index: tuple[int, ...]) -> str:
+    """An element's or row's index as printed: ``3`` in one dimension, ``(1, 2)`` in more."""
     return str(index[0]) if len(index) == 1 else str(tuple(int(i) for i in index))
 
 
 def rows_note(exp: Explanation, shown: int, total: int, what: str) -> None:
+    """Say how many elements or rows ``--max-rows`` left out of the printout (not the total)."""
     if total > shown:
         exp.lines.append(
             f"  … {total - shown} more {what} not shown (they are in the total; see --max-rows)"
