@@ -33,10 +33,21 @@ The output of a patched training step has ``logits=None``. Evaluation (``model.e
 ``generate``, a forward without ``labels``, ``logits_to_keep`` and ``return_dict=False`` run the
 original forward untouched.
 
+Data parallelism: under DDP the patched forward runs inside DDP's (``apply``, ``unpatch`` and
+``is_patched`` on a ``DistributedDataParallel`` act on the model it wraps). Under FSDP2
+(``fully_shard`` per decoder layer and at the root, before or after ``apply``) the output
+embedding belongs to the root, whose forward has gathered it when the loss reads it; a head
+wrapped by a ``fully_shard`` of its own is called to compute the loss, so that its own hooks
+gather it and reduce-scatter its gradient.
+
 Only public transformers behaviour is relied on (``get_output_embeddings()``, the forward's
 keyword arguments, ``ModelOutput`` being a mapping); nothing is imported from transformers'
 internals. Tested with transformers 5.23 (the ``crossent[transformers]`` extra declares
 ``>=5.0,<6``).
+
+The package: :mod:`._transforms` (the logit transforms and their folding into the hidden-state
+scale and soft-cap), :mod:`._recording` (the deferred logits), :mod:`._loss` (the loss from the
+hidden states and the head, :func:`lm_head_loss`), and here the patching of an instance.
 """
 
 from __future__ import annotations
@@ -137,7 +148,8 @@ def apply(
 
     Args:
         model: a transformers ``PreTrainedModel`` with a causal-LM head (``*ForCausalLM``,
-            most ``*ForConditionalGeneration``).
+            most ``*ForConditionalGeneration``), wrapped by ``fully_shard`` or not, or a
+            ``DistributedDataParallel`` wrapping one (the wrapped model is patched).
         chunk_size, z_loss: passed to :func:`crossent.linear_cross_entropy`.
         label_smoothing: ε passed to :func:`crossent.linear_cross_entropy` (0: the loss
             function's own).

@@ -149,6 +149,12 @@ def lm_head_loss(
         ignore_index: target value without a loss.
         label_smoothing, z_loss, chunk_size: passed to :func:`crossent.linear_cross_entropy`.
 
+    Under FSDP2, a head wrapped by a ``fully_shard`` of its own is called to compute the loss
+    (its hooks gather the weight and reduce-scatter the gradient). A head the root owns is
+    gathered only inside the root's forward; outside it, its weight is a vocabulary-sharded
+    DTensor, which :func:`crossent.linear_cross_entropy` takes when every rank passes the same
+    hidden states.
+
     Returns:
         A 0-d loss in float32 (float64 for float64 hidden states), as ``ForCausalLMLoss``.
 
