@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,13 @@ def _float64_causal_lm_loss(
     return loss / num_items_in_batch
 
 
+def _log_softmax_loss(logits, labels, vocab_size, ignore_index=-100, **_):
+    """A causal-LM loss that bypasses ``F.cross_entropy``: crossent computes the logits."""
+    target = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1)
+    logp = logits.reshape(-1, vocab_size).double().log_softmax(-1)
+    return F.nll_loss(logp, target, ignore_index=ignore_index)
+
+
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor (FSDP's sharded parameter or gradient) gathered; a plain tensor as is."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
@@ -134,23 +142,27 @@ def _run_step(rank: int, world: int, case: dict) -> dict:
     base = _llama(case["tied"])
     batches = _batches(case, world)
 
+    loss_function = _log_softmax_loss if case.get("fallback") else _float64_causal_lm_loss
+    base.loss_function = loss_function  # an instance attribute: copies keep it
     reference = copy.deepcopy(base)
-    reference.loss_function = _float64_causal_lm_loss
     ref_loss = sum(reference(**b).loss for b in batches) / world
     ref_loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
     torch.optim.SGD(reference.parameters(), lr=LR).step()
 
     model = copy.deepcopy(base)
-    if case["apply"] == "none":
-        model.loss_function = _float64_causal_lm_loss  # the control: torch and transformers
-    elif case["apply"] == "before":
-        hf.apply(model, chunk_size=7)
+    options = {"chunk_size": 7, "strict": not case.get("fallback")}
+    if case["apply"] == "before":  # "none": the control, torch and transformers alone
+        hf.apply(model, **options)
     wrapped = _wrap(model, case["engine"], case.get("head_own_group", False))
     if case["apply"] == "after":
-        assert hf.apply(wrapped, chunk_size=7) is wrapped
+        assert hf.apply(wrapped, **options) is wrapped
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=LR)
-    out = wrapped(**batches[rank])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = wrapped(**batches[rank])
+    fell_back = any("will not reproduce" in str(w.message) for w in caught)
+    assert fell_back == bool(case.get("fallback")), [str(w.message) for w in caught]
     out.loss.backward()
     loss = out.loss.detach().clone()
     torch.distributed.all_reduce(loss)
@@ -326,11 +338,13 @@ def test_fully_shard_micro_batches(pool, options):
     _check_step(pool.run(case), case)
 
 
-def test_fully_shard_head_in_its_own_group(pool):
+@pytest.mark.parametrize("fallback", [False, True], ids=["linear_loss", "logits_fallback"])
+def test_fully_shard_head_in_its_own_group(pool, fallback):
     """An output embedding wrapped by ``fully_shard`` of its own: its weight is sharded during
-    the root's forward, so the loss is computed inside the head's own call."""
+    the root's forward, so the loss (or, for a loss that bypasses ``F.cross_entropy`` under
+    ``strict=False``, the logits) is computed inside the head's own call."""
     case = {"kind": "step", "engine": "fsdp", "tied": False, "apply": "before"}
-    case["head_own_group"] = True
+    case.update(head_own_group=True, fallback=fallback)
     _check_step(pool.run(case), case)
 
 
