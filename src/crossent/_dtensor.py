@@ -253,7 +253,7 @@ def cross_entropy(
     reduction="mean", label_smoothing=0.0,
 ):  # fmt: skip
     """``crossent.cross_entropy`` with a DTensor argument (see the module docstring)."""
-    from crossent import _checks, functional
+    from crossent import _checks, _dtensor_classes, functional
 
     red = _reduction(size_average, reduce, reduction)
     if _is_dtensor(input) and _class_sharded(input, target, weight):
@@ -270,6 +270,11 @@ def cross_entropy(
         )  # fmt: skip
         return _wrap(loss, mesh, [Replicate()], loss.shape)
     if input.shape == target.shape and input.dim() >= 1:
+        result = _dtensor_classes.probability_cross_entropy(
+            input, target, weight, red, label_smoothing, ignore_index
+        )
+        if result is not None:
+            return result
         result = _probability_batch(
             functional.cross_entropy, input, target, weight, red, ignore_index=ignore_index,
             label_smoothing=label_smoothing,
@@ -309,67 +314,16 @@ def nll_loss(
     reduction="mean",
 ):  # fmt: skip
     """``crossent.nll_loss`` with a DTensor argument (see the module docstring)."""
-    from crossent import functional
+    from crossent import _dtensor_classes, functional
 
     red = _reduction(size_average, reduce, reduction)
     if _is_dtensor(input) and _class_sharded(input, target, weight):
-        result = _nll_class_sharded(input, target, weight, ignore_index, red)
+        result = _dtensor_classes.nll_loss(input, target, weight, ignore_index, red)
     else:
         result = _index_batch(functional.nll_loss, input, target, weight, ignore_index, red)
     if result is not None:
         return result
     return F.nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction)
-
-
-def _chunk_bounds(size: int, parts: int, index: int) -> tuple[int, int]:
-    """``[lo, hi)`` of part ``index`` of ``torch.chunk`` (DTensor's ``Shard`` layout)."""
-    step = -(-size // parts) if size else 0
-    lo = min(index * step, size)
-    return lo, min(lo + step, size)
-
-
-def _nll_class_sharded(input, target, weight, ignore_index, reduction):
-    from torch.distributed.tensor import Partial, Replicate
-
-    from crossent import _checks
-    from crossent.ops import _stats
-
-    ignore = _checks.check_ignore_index(ignore_index, "nll_loss_nd")
-    mesh, class_dim = input.device_mesh, _class_dim(input)
-    n_classes = input.shape[class_dim]
-    lo, hi = _chunk_bounds(n_classes, mesh.size(), mesh.get_local_rank())
-    local = input.to_local().movedim(class_dim, -1)
-    t, w = _local(target), _local(weight)
-    if local.shape[-1] != hi - lo or tuple(t.shape) != tuple(local.shape[:-1]):
-        return None  # not torch.chunk's layout, or a shape torch will word the error for
-    _checks.check_index_target_dtype(t)
-    _checks.check_class_weight(w, n_classes, input.dtype)
-    _checks.check_target_range(t, n_classes, ignore)
-    t = t.long()
-    keep = t != ignore
-    mine = keep & (t >= lo) & (t < hi)
-    if hi > lo:
-        index = (t - lo).clamp(0, hi - lo - 1).unsqueeze(-1)
-        picked = torch.where(mine, -local.gather(-1, index).squeeze(-1), 0.0)
-    else:
-        picked = local.sum(-1) * 0.0
-    safe = torch.where(keep, t, 0)
-    w_t = None if w is None else w[safe]
-    if w_t is not None:
-        picked = picked * w_t
-    rows = _wrap(picked, mesh, [Partial()], t.shape).redistribute(mesh, [Replicate()])
-    rows = rows.to_local()
-    if reduction == "none":
-        loss = rows
-    else:
-        loss = rows.sum()
-        if reduction == "mean":
-            keep_flat = keep.reshape(-1)
-            w_flat = None if w_t is None else w_t.reshape(-1)
-            loss = loss / _stats.mean_denominator(
-                keep_flat, w_flat, n_rows=t.numel(), dtype=loss.dtype, device=loss.device
-            )
-    return _wrap(loss, mesh, [Replicate()], loss.shape)
 
 
 # --------------------------------------------------------------------------------------------
