@@ -11,28 +11,25 @@ step, and compares the loss (averaged over ranks), every parameter's gradient (F
 gradients gathered with ``full_tensor()``) and every parameter after the step with the
 reference, to 1e-10. An unpatched wrapped model is the control.
 
-One pool of 2 rank processes serves the module; collectives time out after 30 s and the parent
-waits at most 120 s per case, so a hang fails instead of blocking CI.
+One pool of 2 rank processes (``tests/_dist_helpers.py``) serves the module; collectives time
+out after 30 s and the parent waits at most 120 s per case, so a hang fails instead of blocking
+CI.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import datetime
-import multiprocessing as mp
 import os
-import queue
 import re
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _dist_helpers import RankPool
 
 transformers = pytest.importorskip("transformers")
 
@@ -212,26 +209,8 @@ def _run_lm_head_loss(rank: int, world: int, case: dict) -> dict:
 _RUNNERS = {"step": _run_step, "lm_head_loss": _run_lm_head_loss}
 
 
-def _rank_main(rank: int, world: int, store: str, inbox, outbox, timeout_s: float) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
-    try:
-        while (case := inbox.get()) is not None:
-            try:
-                result = ("ok", _RUNNERS[case["kind"]](rank, world, case))
-            except Exception as exc:  # noqa: BLE001 - the parent reports it
-                result = ("error", f"{type(exc).__name__}: {exc}")
-            outbox.put((rank, result))
-    finally:
-        torch.distributed.destroy_process_group()
-        outbox.put((rank, ("closed", None)))  # the parent ends the process: exiting a
-        # process that imported transformers takes seconds
+def _run_case(rank: int, world: int, case: dict) -> dict:
+    return _RUNNERS[case["kind"]](rank, world, case)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,63 +218,14 @@ def _rank_main(rank: int, world: int, store: str, inbox, outbox, timeout_s: floa
 # --------------------------------------------------------------------------------------------
 
 
-class RankPool:
-    """``world`` spawned processes in one gloo group, running cases on request."""
-
-    def __init__(self, world: int) -> None:
-        self.world = world
-        self._tmp = tempfile.TemporaryDirectory(prefix="crossent-fsdp-")
-        ctx = mp.get_context("spawn")
-        self._inboxes = [ctx.Queue() for _ in range(world)]
-        self._outbox = ctx.Queue()
-        store = os.path.join(self._tmp.name, "store")
-        self._procs = [
-            ctx.Process(
-                target=_rank_main,
-                args=(r, world, store, self._inboxes[r], self._outbox, COLLECTIVE_TIMEOUT_S),
-                daemon=True,
-            )
-            for r in range(world)
-        ]
-        for proc in self._procs:
-            proc.start()
-        self.broken = False
-
-    def run(self, case: dict) -> list[dict]:
-        """Run ``case`` on every rank; the per-rank results in rank order."""
-        if self.broken:
-            pytest.fail("the rank pool is broken by an earlier timeout")
-        for inbox in self._inboxes:
-            inbox.put(case)
-        results: dict[int, tuple] = {}
-        while len(results) < self.world:
-            try:
-                rank, result = self._outbox.get(timeout=CASE_TIMEOUT_S)
-            except queue.Empty:
-                self.broken = True
-                pytest.fail(f"no answer within {CASE_TIMEOUT_S} s: {case}")
-            results[rank] = result
-        for rank, (status, payload) in sorted(results.items()):
-            if status != "ok":
-                pytest.fail(f"rank {rank} failed on {case}: {payload}")
-        return [results[r][1] for r in range(self.world)]
-
-    def close(self) -> None:
-        for inbox in self._inboxes:
-            inbox.put(None)
-        closed = 0
-        with contextlib.suppress(queue.Empty):
-            while closed < self.world:
-                closed += self._outbox.get(timeout=10)[1][0] == "closed"
-        for proc in self._procs:
-            proc.terminate()
-            proc.join(timeout=10)
-        self._tmp.cleanup()
-
-
 @pytest.fixture(scope="module")
 def pool():
-    made = RankPool(WORLD)
+    made = RankPool(
+        WORLD,
+        _run_case,
+        collective_timeout_s=COLLECTIVE_TIMEOUT_S,
+        case_timeout_s=CASE_TIMEOUT_S,
+    )
     yield made
     made.close()
 
