@@ -119,15 +119,15 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def _wrap(model: torch.nn.Module, engine: str, head_own_group: bool) -> torch.nn.Module:
-    if engine == "ddp":
+def _wrap(model: torch.nn.Module, case: dict) -> torch.nn.Module:
+    if case["engine"] == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.model.layers:
         fully_shard(layer)
-    if head_own_group:
-        fully_shard(model.lm_head)
+    if "head_group" in case:  # the head in a group of its own, resharded after forward or not
+        fully_shard(model.lm_head, reshard_after_forward=case["head_group"] == "reshard")
     fully_shard(model)
     return model
 
@@ -151,7 +151,7 @@ def _run_step(rank: int, world: int, case: dict) -> dict:
     options = {"chunk_size": 7, "strict": not case.get("fallback")}
     if case["apply"] == "before":  # "none": the control, torch and transformers alone
         hf.apply(model, **options)
-    wrapped = _wrap(model, case["engine"], case.get("head_own_group", False))
+    wrapped = _wrap(model, case)
     if case["apply"] == "after":
         assert hf.apply(wrapped, **options) is wrapped
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=LR)
@@ -268,13 +268,18 @@ def test_fully_shard_micro_batches(pool, options):
     _check_step(pool.run(case), case)
 
 
-@pytest.mark.parametrize("fallback", [False, True], ids=["linear_loss", "logits_fallback"])
-def test_fully_shard_head_in_its_own_group(pool, fallback):
+@pytest.mark.parametrize(
+    "head_group, fallback",
+    [("reshard", False), ("reshard", True), ("keep", False)],
+    ids=["linear_loss", "logits_fallback", "not_resharded"],
+)
+def test_fully_shard_head_in_its_own_group(pool, head_group, fallback):
     """An output embedding wrapped by ``fully_shard`` of its own: its weight is sharded during
     the root's forward, so the loss (or, for a loss that bypasses ``F.cross_entropy`` under
-    ``strict=False``, the logits) is computed inside the head's own call."""
+    ``strict=False``, the logits) is computed inside the head's own call; without resharding
+    after forward the gathered weight is read directly."""
     case = {"kind": "step", "engine": "fsdp", "tied": False, "apply": "before"}
-    case.update(head_own_group=True, fallback=fallback)
+    case.update(head_group=head_group, fallback=fallback)
     _check_step(pool.run(case), case)
 
 
