@@ -566,7 +566,9 @@ def test_batch_sharded_mean_is_exact_where_torch_averages_local_means(pool):
         _check_loss(per_rank, case, "(Partial(sum),)")
     for per_rank in results:
         theirs = per_rank[0]["torch"]
-        assert theirs["raised"] is not None or theirs["placements"] == "(Partial(avg),)"
+        # torch 2.13: raises for the uneven shards of the class-index losses, else returns
+        # Partial(avg) of the local means (wrong here); a later torch may be exact
+        assert theirs["raised"] or theirs["placements"] == "(Partial(avg),)" or theirs["close"]
 
 
 def test_replicated_call_with_plain_target_works_where_torch_refuses(pool):
@@ -577,7 +579,8 @@ def test_replicated_call_with_plain_target_works_where_torch_refuses(pool):
     }  # fmt: skip
     (results,) = pool.run([case])
     _check_loss(results, case, "(Replicate(),)")
-    assert results[0]["torch"]["raised"] == "RuntimeError"  # mixed torch.Tensor and DTensor
+    theirs = results[0]["torch"]
+    assert theirs["raised"] == "RuntimeError" or theirs["close"]  # 2.13: mixed Tensor, DTensor
 
 
 # --------------------------------------------------------------------------------------------

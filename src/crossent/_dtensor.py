@@ -1,77 +1,84 @@
 """DTensor arguments of the drop-in losses: torch's layouts, crossent's exact arithmetic.
 
 The public functions of ``crossent.functional`` and ``crossent.linear`` hand their arguments
-here when one of them is a ``torch.distributed.tensor.DTensor`` (:func:`involved`; a process
-that never imported ``torch.distributed.tensor`` holds no DTensor, so the check costs one
-dictionary look-up and imports nothing). The layout of the arguments picks the route:
+here when one of them is a ``torch.distributed.tensor.DTensor`` (:func:`involved`: a set
+look-up per argument for plain tensors; a process that never imported
+``torch.distributed.tensor`` holds no DTensor and imports nothing). The layout picks the route:
 
 * **Logits sharded on the class dimension** (``Shard(1)``, or ``Shard(0)`` for unbatched
-  logits, on a one-dimensional mesh; class-index target and class weight replicated or plain):
-  ``cross_entropy`` runs :func:`crossent.distributed.vocab_parallel_cross_entropy` on
-  ``logits.to_local()`` over the mesh's process group: O(N) communication, the logits are never
-  gathered, every option exact (class weight, ``ignore_index`` including every target
-  ignored, label smoothing, each reduction). The same route is taken with or without torch's
-  ``loss_parallel()`` context: the values are those torch gives without it (where torch
-  gathers the logits), the result is a ``Replicate()`` DTensor as torch returns in both cases,
-  and no private flag of torch is read. ``nll_loss`` on class-sharded log-probabilities picks
-  each target's log-probability on the rank that holds it and sums the rows over the mesh (a
-  ``Partial`` DTensor redistributed to ``Replicate``). The gradient w.r.t. the logits is a
-  DTensor with the logits' placements (torch without ``loss_parallel()`` returns it
-  replicated).
+  logits, on a one-dimensional mesh; class weight replicated or plain):
+
+  - ``cross_entropy`` with class indices (target replicated or plain) runs
+    :func:`crossent.distributed.vocab_parallel_cross_entropy` on ``logits.to_local()`` over
+    the mesh's process group: O(N) communication, the logits never gathered, every option
+    exact (class weight, ``ignore_index`` including every target ignored, label smoothing,
+    each reduction).
+  - ``cross_entropy`` with probability targets (sharded like the logits, or replicated) and
+    ``nll_loss`` are computed here exactly (``crossent._dtensor_classes``).
+
+  The same route is taken with or without torch's ``loss_parallel()``, so no flag of torch is
+  read: the values are torch's single-process ones, the result is a ``Replicate()`` DTensor
+  (torch returns ``Replicate()`` with class indices, ``Partial(sum)`` with probabilities), and
+  the gradient w.r.t. the logits has the logits' placement (torch without ``loss_parallel()``
+  gathers the logits and returns it replicated).
 * **Replicated arguments** (every mesh dimension ``Replicate``; plain tensors count as
-  replicated, which torch refuses with "mixed torch.Tensor and DTensor"): crossent's loss on
-  the local tensors, returned as a ``Replicate()`` DTensor.
+  replicated, where torch raises "mixed torch.Tensor and DTensor"): crossent's loss on the
+  local tensors, returned as a ``Replicate()`` DTensor.
 * **Batch-sharded arguments** (one-dimensional mesh, ``Shard(d)`` on a dimension other than
   the class dimension, the target a DTensor sharded on the matching dimension; the binary
-  losses accept any ``Shard(d)``): crossent's loss on the local shards. ``'none'`` gives the
-  target's placement, ``'sum'`` a ``Partial()`` DTensor, as torch. ``'mean'`` divides the local
-  sum by the global denominator (Σ of the kept rows' class weights, all-reduced; or the global
-  element count) and returns a ``Partial()`` DTensor: torch returns ``Partial(avg)`` of the
-  local means, which is wrong when the shards differ in size or in total class weight (torch
-  raises for uneven shards of ``nll_loss``, and silently averages otherwise).
-* **Everything else** (multi-dimensional meshes with a sharded dimension, probability targets
-  on class-sharded logits, partial placements, a plain target beside sharded logits, ...):
-  the call goes to ``torch.nn.functional`` unchanged, so it behaves exactly as torch's does,
-  errors included.
+  losses take any ``Shard(d)``): crossent's loss on the local shards. ``'none'`` gives the
+  target's placement and ``'sum'`` a ``Partial()`` DTensor, as torch. ``'mean'`` divides the
+  local sum by the global denominator (the kept rows' class weights, all-reduced; or the global
+  count) and returns ``Partial()``: torch returns ``Partial(avg)`` of the per-rank means,
+  which is wrong unless every rank holds the same count and class weight (torch raises for
+  uneven shards of the class-index losses, and is silently wrong otherwise).
+* **Everything else** (multi-dimensional meshes with a sharded dimension, ``Partial``
+  placements, a plain target beside sharded logits, ...) goes to ``torch.nn.functional``
+  unchanged: torch's behaviour, errors included.
 
 ``linear_cross_entropy`` with the classifier a DTensor sharded on the vocabulary (``Shard(0)``
-on a one-dimensional mesh, the bias ``Shard(0)`` or absent) and the input a replicated DTensor
-or a plain tensor identical on every rank runs
-:func:`crossent.distributed.vocab_parallel_linear_cross_entropy` on the local shards; the
-gradients w.r.t. the classifier and bias are DTensors with their placements, that w.r.t. the
-input is replicated. Uneven vocabularies (V not divisible by the mesh size) follow DTensor's
-``torch.chunk`` layout, which the vocab-parallel losses accept. Every rank must hold the same
-input and target: one small all-reduce compares fingerprints of the input (the vocab-parallel
-checks compare the targets) and every rank raises ``ValueError`` together when they differ.
+on a one-dimensional mesh, the bias ``Shard(0)`` or absent, class-index targets, no soft-cap)
+and the input a replicated DTensor or a plain tensor identical on every rank runs
+:func:`crossent.distributed.vocab_parallel_linear_cross_entropy` on the local shards: the
+gradients w.r.t. classifier and bias are DTensors with their placements (torch gathers the
+classifier and returns them replicated), the input's is replicated. Vocabularies that the mesh
+does not divide follow DTensor's ``torch.chunk`` layout, which the vocab-parallel losses
+accept. Every rank must hold the same input and target: one small all-reduce compares
+fingerprints of a plain input (the vocab-parallel checks compare the targets), and every rank
+raises ``ValueError`` together when they differ. Replicated classifiers compute locally;
+other layouts raise ``NotImplementedError``.
 
 A parameter of a ``fully_shard``-ed module used outside the module's forward is such a
-DTensor (FSDP2 shards parameters on dim 0 over its mesh). It is treated as the vocabulary
-shard it is: with the same input on every rank, the loss is exact and the gradient lands in
-``param.grad`` as a DTensor with the parameter's placement, so an optimizer step matches the
-unsharded model's. With rank-local data (data parallelism), the inputs differ and the call
-raises a ``ValueError`` telling to compute the loss inside the module's forward, or to gather
-the weight with ``module.unshard()`` first. Replicated classifiers compute locally; other
-layouts raise ``NotImplementedError`` (torch's ``F.linear_cross_entropy`` takes no DTensor
-classifier either).
+DTensor (FSDP2 shards parameters on dim 0 over its mesh), and it is treated as the vocabulary
+shard it is: with the same input on every rank the loss is exact, the gradient lands in
+``param.grad`` with the parameter's placement, and an optimizer step equals the unsharded
+model's. With rank-local data (data parallelism) the inputs differ, and the call raises a
+``ValueError`` that says to compute the loss inside the module's forward (where FSDP gathers
+the weight) or to gather it first with ``module.unshard()``.
 
-Per option, on 2 ranks (gloo, float64; ``tests/test_dtensor.py``)::
+Measured on 2 ranks (gloo, float64, ``tests/test_dtensor.py``); "exact" means value and
+gradient equal single-process torch to 1e-10::
 
-    call                                   crossent                     torch 2.13
-    CE, class-sharded, loss_parallel()     exact, Replicate             Replicate
-    CE, class-sharded, no loss_parallel    exact, Replicate (no gather) Replicate (gathers)
-      + label_smoothing, loss_parallel()   exact                        raises (mixed Tensor)
-      + weight & ignored targets, l_p()    exact                        raises IndexError -100
-      + plain weight, no loss_parallel     exact                        raises (mixed Tensor)
-      + probability target                 torch's call (Partial(sum))  Partial(sum)
-    NLL, class-sharded                     exact, Replicate             Replicate
-    CE/NLL/BCE, replicated                 exact, Replicate             Replicate (DTensor
-                                                                        target/weight only)
-    CE/NLL/BCE, batch-sharded 'none'       exact, Shard(d)              Shard(d)
-      'sum'                                exact, Partial(sum)          Partial(sum)
-      'mean'                               exact, Partial(sum)          Partial(avg): wrong
-                                                                        for uneven shards or
-                                                                        class weights
-    linear CE, Shard(0) classifier         exact, grads Shard(0)        raises (mixed Tensor)
+    layout / option                         crossent                  torch 2.13 on the call
+    class-sharded CE, loss_parallel()       exact, Replicate          exact, Replicate
+      + label_smoothing                     exact                     raises (mixed Tensor)
+      + class weight and ignored targets    exact                     raises (index -100)
+      + probability targets                 exact, Replicate          Partial(sum), wrong grad
+    class-sharded CE, no loss_parallel()    exact, grad sharded       exact, gathers logits
+      + plain class weight or target        exact                     raises (mixed Tensor)
+    class-sharded NLL, loss_parallel()      exact, Replicate          wrong gradient; raises
+                                                                      with weight + ignored
+    class-sharded NLL, no loss_parallel()   exact, Replicate          exact (DTensor args)
+    replicated CE / NLL / BCE(+logits)      exact, Replicate          exact (DTensor target
+                                                                      and weight only)
+    batch-sharded, 'none' / 'sum'           exact, Shard(d) / Partial  same
+    batch-sharded, 'mean'                   exact, Partial(sum)       Partial(avg): raises for
+                                                                      uneven CE/NLL shards,
+                                                                      wrong for BCE ones and
+                                                                      for class weights
+    linear CE, Shard(0) classifier          exact, grads Shard(0)     plain input: raises;
+                                                                      replicated: grads
+                                                                      Replicate
 """
 
 from __future__ import annotations
@@ -101,10 +108,18 @@ def _dtensor_class() -> type | None:
     return None if module is None else getattr(module, "DTensor", None)
 
 
+_PLAIN_TYPES = {type(None), Tensor, torch.nn.Parameter}
+
+
 def involved(*tensors: object) -> bool:
-    """Whether one of ``tensors`` is a DTensor; imports nothing."""
-    cls = _dtensor_class()
-    return cls is not None and any(isinstance(t, cls) for t in tensors)
+    """Whether one of ``tensors`` is a DTensor; imports nothing, and costs a set look-up per
+    argument when they are plain tensors, parameters or None."""
+    for t in tensors:
+        if type(t) not in _PLAIN_TYPES:
+            cls = _dtensor_class()
+            if cls is not None and isinstance(t, cls):
+                return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------
