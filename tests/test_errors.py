@@ -187,7 +187,7 @@ RAISES_ELSEWHERE = {
     "distributed/": "what only the ranks together can check: the vocabulary split, replicated "
     "targets and class weights, raised alike on every rank",
     "integrations/transformers/": "models whose loss or head the integration cannot take over",
-    "_dtensor.py": "DTensor layouts: what the mesh must agree on (checked with a collective) "
+    "_dtensor": "DTensor layouts: what the mesh must agree on (checked with a collective) "
     "and layouts that no route takes",
 }
 
