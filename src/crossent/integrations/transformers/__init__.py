@@ -172,7 +172,6 @@ def apply(
         "z_loss": _checks.check_z_loss(z_loss, name),
         "label_smoothing": _checks.check_label_smoothing(label_smoothing, name),
     }
-    _warn_untested_version()
     if _inner(model) is not model:
         apply(
             _inner(model),
@@ -182,6 +181,7 @@ def apply(
             strict=strict,
         )
         return model
+    _warn_untested_version()
     state = model.__dict__.get(_STATE)
     if state is not None:
         state.options, state.strict, state.disabled = options, strict, False
