@@ -187,13 +187,17 @@ def _run_linear(rank: int, mesh, case: dict) -> dict:
     dh = h.clone().requires_grad_()
     if case.get("dtensor_input"):
         dh = distribute_tensor(h, mesh, [Replicate()]).requires_grad_()
+    dt = t
+    if case.get("batch_input"):  # tokens sharded, classifier replicated
+        dh = distribute_tensor(h, mesh, [Shard(0)]).requires_grad_()
+        dt = distribute_tensor(t, mesh, [Shard(0)])
     opts = dict(
         weight=cw,
         reduction=case.get("reduction", "mean"),
         label_smoothing=case.get("label_smoothing", 0.0),
     )
     try:
-        loss = crossent.linear_cross_entropy(dh, dw, t, linear_bias=db, z_loss=0.0, **opts)
+        loss = crossent.linear_cross_entropy(dh, dw, dt, linear_bias=db, z_loss=0.0, **opts)
     except ValueError as exc:
         return {"raised": type(exc).__name__, "message": str(exc)}
     _backward(loss, upstream)
@@ -614,6 +618,29 @@ def test_linear_cross_entropy_vocab_sharded(pool, vocab, reduction):
             _close(res["grad_input"], res["ref_grad_input"], "grad input", case)
             if case["bias"]:
                 assert res["grad_bias_placements"] == shard
+                _close(res["grad_bias"], res["ref_grad_bias"], "grad bias", case)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_cross_entropy_batch_sharded(pool, reduction):
+    """Tokens sharded (5 over 2 ranks), classifier replicated: torch's placements, the exact
+    global mean, the classifier's gradient summed over the ranks."""
+    base = {"kind": "linear", "tokens": 5, "hidden": 3, "vocab": 6, "reduction": reduction}
+    cases = [
+        {**base, "batch_input": True, "replicated": True, "bias": bias, "seed": seed, **opts}
+        for seed, opts in enumerate(OPTIONS.values())
+        for bias in (False, True)
+    ]
+    for case, results in zip(cases, pool.run(cases), strict=True):
+        for res in results:
+            assert res["placements"] == _expected("batch", reduction)
+            # summed over the ranks when read (DTensor's pending reduction, as torch's mm gives)
+            assert res["grad_weight_placements"] == "(Partial(sum),)"
+            assert res["grad_input_placements"] == "(Shard(dim=0),)"
+            _close(res["loss"], res["ref_loss"], "loss", case)
+            _close(res["grad_weight"], res["ref_grad_weight"], "grad weight", case)
+            _close(res["grad_input"], res["ref_grad_input"], "grad input", case)
+            if case["bias"]:
                 _close(res["grad_bias"], res["ref_grad_bias"], "grad bias", case)
 
 

@@ -45,8 +45,11 @@ classifier and returns them replicated), the input's is replicated. Vocabularies
 does not divide follow DTensor's ``torch.chunk`` layout, which the vocab-parallel losses
 accept. Every rank must hold the same input and target: one small all-reduce compares
 fingerprints of a plain input (the vocab-parallel checks compare the targets), and every rank
-raises ``ValueError`` together when they differ. Replicated classifiers compute locally;
-other layouts raise ``NotImplementedError``.
+raises ``ValueError`` together when they differ. With the tokens sharded instead (input and
+target ``Shard(d)`` alike, classifier a replicated DTensor) the loss is computed on the local
+tokens with torch's placements and the exact global mean, the classifier's gradient left
+``Partial(sum)`` as torch's matmul leaves it. Replicated arguments compute locally; other
+layouts raise ``NotImplementedError``.
 
 A parameter of a ``fully_shard``-ed module used outside the module's forward is such a
 DTensor (FSDP2 shards parameters on dim 0 over its mesh), and it is treated as the vocabulary
@@ -79,6 +82,7 @@ gradient equal single-process torch to 1e-10::
     linear CE, Shard(0) classifier          exact, grads Shard(0)     plain input: raises;
                                                                       replicated: grads
                                                                       Replicate
+    linear CE, tokens sharded               exact, torch's placements  Partial(avg) mean
 """
 
 from __future__ import annotations
@@ -195,7 +199,8 @@ def _batch_layout(input, target, target_dim_of) -> tuple | None:
 
 def _finish(loss, mesh, kind, none_placements, reduction, out_shape, denominator):
     """Wrap a local loss: ``'none'`` as computed; ``'sum'``/``'mean'`` of sharded inputs as a
-    ``Partial()`` DTensor, the mean divided by ``denominator()`` (the global one)."""
+    ``Partial()`` DTensor, the mean divided by ``denominator()`` (the global one). A zero
+    denominator (every target ignored) gives NaN and zero gradients, as torch."""
     from torch.distributed.tensor import Partial, Replicate
 
     if reduction == "none":
@@ -203,7 +208,9 @@ def _finish(loss, mesh, kind, none_placements, reduction, out_shape, denominator
     if kind == "replicated":
         return _wrap(loss, mesh, [Replicate()] * mesh.ndim, ())
     if reduction == "mean":
-        loss = loss / denominator().to(loss.dtype)
+        total = denominator().to(loss.dtype)
+        empty = total == 0
+        loss = torch.where(empty, math.nan, loss / torch.where(empty, 1.0, total))
     return _wrap(loss, mesh, [Partial()], ())
 
 
@@ -430,6 +437,40 @@ def _check_same_everywhere(input: Tensor, mesh) -> None:
         raise ValueError(_SAME_INPUT)
 
 
+def _linear_batch(input, linear_weight, target, linear_bias, weight, softcap, options):
+    """Input and class-index target sharded alike on a token dimension, classifier (and bias) a
+    replicated DTensor: crossent's loss on the local tokens, the classifier's gradient summed
+    over the mesh (``Partial`` gradients of ``to_local``)."""
+    from torch.distributed.tensor import Partial, Shard
+
+    from crossent import _checks, linear
+
+    d = _shard_dim(input)
+    if d is None or d >= input.dim() - 1 or not _is_dtensor(linear_weight):
+        return None
+    mesh = input.device_mesh
+    if not (
+        _is_dtensor(target)
+        and target.device_mesh == mesh
+        and _shard_dim(target) == d
+        and target.dim() == input.dim() - 1
+        and all(_replicated(t, mesh) for t in (linear_weight, linear_bias, weight))
+    ):
+        return None
+    reduction = _checks.check_reduction(options["reduction"])
+
+    def summed_gradient(t):
+        return t.to_local(grad_placements=[Partial()]) if _is_dtensor(t) else t
+
+    local_options = {**options, "reduction": "sum" if reduction == "mean" else reduction}
+    loss = linear.linear_cross_entropy(
+        input.to_local(), summed_gradient(linear_weight), target.to_local(),
+        linear_bias=summed_gradient(linear_bias), softcap=softcap, **local_options,
+    )  # fmt: skip
+    denominator = _index_denominator(target, weight, options["ignore_index"], mesh, loss.dtype)
+    return _finish(loss, mesh, "sharded", [Shard(d)], reduction, target.shape, denominator)
+
+
 def linear_cross_entropy(
     input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
     ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None,
@@ -468,6 +509,9 @@ def linear_cross_entropy(
                 linear_bias_shard=_local(linear_bias), group=mesh.get_group(), **options,
             )  # fmt: skip
             return _wrap(loss, mesh, [Replicate()], loss.shape)
+    batch = _linear_batch(input, linear_weight, target, linear_bias, weight, softcap, options)
+    if batch is not None:
+        return batch
     tensors = (input, linear_weight, target, linear_bias, weight)
     meshes = {t.device_mesh for t in tensors if _is_dtensor(t)}
     if len(meshes) == 1 and all(_replicated(t) for t in tensors):
@@ -485,6 +529,7 @@ def linear_cross_entropy(
     raise NotImplementedError(
         "linear_cross_entropy supports DTensor arguments when linear_weight is sharded on the "
         "vocabulary (Shard(0) on a one-dimensional mesh, linear_bias Shard(0) or None, class-"
-        "index target, no softcap) with input, target and weight replicated or plain, or when "
-        f"every argument is replicated; got {layouts}"
+        "index target, no softcap) with input, target and weight replicated or plain; when "
+        "input and target are sharded alike on a token dimension and linear_weight, linear_bias "
+        f"and weight are replicated; or when every argument is replicated; got {layouts}"
     )
