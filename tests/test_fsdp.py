@@ -167,8 +167,11 @@ def _run_step(rank: int, world: int, case: dict) -> dict:
     optimizer.step()
     after = {n: _full(p.detach()) for n, p in model.named_parameters()}
     ref_after = dict(reference.named_parameters())
+    patched = hf.is_patched(wrapped)
+    hf.unpatch(wrapped)  # through DDP too
     return {
-        "patched": hf.is_patched(wrapped),
+        "patched": patched,
+        "unpatched": not hf.is_patched(wrapped) and "forward" not in model.__dict__,
         "logits_none": out.logits is None,
         "loss": (loss / world).item(),
         "ref_loss": ref_loss.item(),
@@ -234,6 +237,7 @@ def _check_step(results: list[dict], case: dict) -> None:
     for rank, res in enumerate(results):
         where = f"rank {rank}, case {case}"
         assert res["patched"] == (case["apply"] != "none"), where
+        assert res["unpatched"], where
         assert res["logits_none"] == (case["apply"] != "none"), where
         assert res["names"], where
         torch.testing.assert_close(res["loss"], res["ref_loss"], **TIGHT, msg=where)
