@@ -117,12 +117,17 @@ def _run_loss(rank: int, mesh, case: dict) -> dict:
     from torch.distributed.tensor.parallel import loss_parallel
 
     import crossent
+    import crossent.nn as cnn
 
     p = _problem(case)
     context = loss_parallel if case.get("loss_parallel") else contextlib.nullcontext
     tensors, opts = _layout(case, p, mesh)
     with context():
-        loss = getattr(crossent, case["fn"])(tensors["input"], tensors["target"], **opts)
+        if case.get("module"):  # crossent.nn follows the functional API
+            module = {"cross_entropy": cnn.CrossEntropyLoss, "nll_loss": cnn.NLLLoss}[case["fn"]]
+            loss = module(**opts)(tensors["input"], tensors["target"])
+        else:
+            loss = getattr(crossent, case["fn"])(tensors["input"], tensors["target"], **opts)
         _backward(loss, p["upstream"])
     grad = tensors["input"].grad
     out = {
@@ -489,6 +494,30 @@ def test_nll_loss_class_sharded(pool, reduction):
     ]
     for case, results in zip(cases, pool.run(cases), strict=True):
         _check_loss(results, case, "(Replicate(),)")
+
+
+def test_nn_modules_and_torch_nll_under_loss_parallel(pool):
+    """``crossent.nn`` modules take the same routes; torch's ``nll_loss`` on class-sharded
+    log-probabilities under ``loss_parallel()`` gets the gradient wrong in 2.13 (recorded)."""
+    base = {"kind": "loss", "layout": "class", "shape": [6, 5], "classes": 5}
+    cases = [
+        {
+            **base,
+            "fn": "cross_entropy",
+            "module": True,
+            "weighted": True,
+            "ignore_frac": 0.3,
+            "label_smoothing": 0.1,
+            "loss_parallel": True,
+        },  # fmt: skip
+        {**base, "fn": "nll_loss", "module": True, "weighted": True, "reduction": "sum"},
+        {**base, "fn": "nll_loss", "loss_parallel": True, "torch": True, "seed": 3},
+    ]
+    results = pool.run(cases)
+    for case, per_rank in zip(cases, results, strict=True):
+        _check_loss(per_rank, case, "(Replicate(),)")
+    theirs = results[-1][0]["torch"]
+    assert theirs["raised"] is None and theirs["close"], theirs  # the value is right
 
 
 @pytest.mark.parametrize("loss_parallel", [True, False], ids=["loss_parallel", "plain_context"])
