@@ -183,8 +183,9 @@ def _run_step(rank: int, world: int, case: dict) -> dict:
 
 
 def _run_lm_head_loss(rank: int, world: int, case: dict) -> dict:
-    """``lm_head_loss`` with an output embedding sharded by ``fully_shard`` of its own, called
-    outside any forward: the head's own call gathers its weight."""
+    """``lm_head_loss`` called outside any forward, with an output embedding sharded by a
+    ``fully_shard`` of its own (its call gathers the weight) or by the root's (a DTensor
+    sharded on the vocabulary: exact for the same data on every rank, refused otherwise)."""
     from torch.distributed.fsdp import fully_shard
 
     from crossent.integrations import transformers as hf
@@ -197,13 +198,17 @@ def _run_lm_head_loss(rank: int, world: int, case: dict) -> dict:
     ref_loss = sum(hf.lm_head_loss(h, reference.lm_head, b["labels"]) for h, b in pairs)
     (ref_loss / world).backward()
     model = copy.deepcopy(base)
-    fully_shard(model.lm_head)
+    fully_shard(model if case["owner"] == "root" else model.lm_head)
     sharded_before = type(model.lm_head.weight).__name__
-    loss = hf.lm_head_loss(hidden[rank], model.lm_head, batches[rank]["labels"])
+    try:
+        loss = hf.lm_head_loss(hidden[rank], model.lm_head, batches[rank]["labels"])
+    except ValueError as exc:
+        return {"sharded_before": sharded_before, "raised": str(exc)}
     loss.backward()
     grad = _full(model.lm_head.weight.grad)
     return {
         "sharded_before": sharded_before,
+        "raised": None,
         "grad_diff": (grad - reference.lm_head.weight.grad).abs().max().item(),
         "grad_scale": reference.lm_head.weight.grad.abs().max().item(),
     }
@@ -295,9 +300,19 @@ def test_ddp(pool, tied, apply):
     _check_step(pool.run(case), case)
 
 
-def test_lm_head_loss_with_a_sharded_head(pool):
-    for res in pool.run({"kind": "lm_head_loss"}):
+@pytest.mark.parametrize(
+    "owner, different",
+    [("head", True), ("root", False), ("root", True)],
+    ids=["own_group", "root_same_data", "root_rank_local_data"],
+)
+def test_lm_head_loss_with_a_sharded_head(pool, owner, different):
+    case = {"kind": "lm_head_loss", "owner": owner, "different": different}
+    for res in pool.run(case):
         assert res["sharded_before"] == "DTensor"
+        if owner == "root" and different:
+            assert "inside the module's forward" in res["raised"]
+            continue
+        assert res["raised"] is None
         assert res["grad_diff"] <= TIGHT["atol"] + TIGHT["rtol"] * res["grad_scale"]
 
 
