@@ -48,6 +48,8 @@ meta tensors, under ``torch.compile`` and ``vmap``, and never reads a value back
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -111,6 +113,11 @@ def nll_from_stats(
     return nll, None if smooth is None else total * logsum - smooth
 
 
+def _per_class(label_smoothing: float, n_classes: int) -> float:
+    """``ε/V``, the smoothing mass on each class; inf without classes (as torch's division)."""
+    return label_smoothing / n_classes if n_classes else math.inf
+
+
 def row_loss(
     nll: Tensor,
     smooth_nll: Tensor | None,
@@ -133,14 +140,16 @@ def row_loss(
     extra = None
     if label_smoothing > 0.0:
         main = (1.0 - label_smoothing) * main
-        extra = (label_smoothing / n_classes) * smooth_nll
+        # Masked before the factor, as torch does: without classes ε/V is inf and 0·inf NaN.
+        masked = smooth_nll if keep is None else torch.where(keep, smooth_nll, 0.0)
+        extra = _per_class(label_smoothing, n_classes) * masked
     if z_loss != 0.0:
         z_term = z_loss * lse.square()
+        if keep is not None:
+            z_term = torch.where(keep, z_term, 0.0)
         extra = z_term if extra is None else extra + z_term
     if keep is not None:
         main = torch.where(keep, main, 0.0)
-        if extra is not None:
-            extra = torch.where(keep, extra, 0.0)
     return main, extra
 
 
@@ -250,7 +259,7 @@ def row_factor(
     eps = label_smoothing
     a = target_factor(w_t, eps)
     if eps > 0.0:
-        a = a + (eps / n_classes) * total
+        a = a + _per_class(eps, n_classes) * total
     if z_loss != 0.0:
         a = a + (2 * z_loss) * lse
     return a
