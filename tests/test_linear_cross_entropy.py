@@ -499,7 +499,52 @@ def test_gradcheck_against_finite_differences():
             )  # fmt: skip
 
         inputs = tuple(a.clone().requires_grad_() for a in (x, w, b))
-        assert torch.autograd.gradcheck(fn, inputs)
+        assert torch.autograd.gradcheck(fn, inputs, check_batched_grad=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"bias": True, "class_weight": True, "label_smoothing": 0.1, "z_loss": 0.01},
+        {"softcap": 2.0, "label_smoothing": 0.2},
+    ],
+    ids=["plain", "bias-weight-smoothing-zloss", "softcap"],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batched_gradients_equal_one_backward_per_upstream(reduction, options, dtype):
+    """``autograd.grad(..., is_grads_batched=True)`` (vmap over the backward) gives, for each
+    upstream gradient, what one backward with it gives; ignored rows holding NaN add nothing."""
+    options = dict(options)
+    x, w, b, t, cw = make(
+        8, 3, 5, dtype, bias=options.pop("bias", False),
+        class_weight=options.pop("class_weight", False), ignore_every=3,
+    )  # fmt: skip
+    x[3, 1] = float("nan")  # an ignored row
+    leaves = [a.clone().requires_grad_() for a in (x, w, b) if a is not None]
+    out = crossent.linear_cross_entropy(
+        leaves[0], leaves[1], t, linear_bias=b if b is None else leaves[2], weight=cw,
+        reduction=reduction, chunk_size=3, **options,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(3)
+    upstream = torch.randn((4, *out.shape), generator=gen, dtype=torch.float64).to(dtype)
+    batched = torch.autograd.grad(out, leaves, upstream, retain_graph=True, is_grads_batched=True)
+    for k in range(upstream.shape[0]):
+        one = torch.autograd.grad(out, leaves, upstream[k], retain_graph=True)
+        for got, want in zip(batched, one, strict=True):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got[k], want, **TOL[dtype])
+    assert torch.equal(batched[0][:, 3], torch.zeros_like(batched[0][:, 3]))
+
+
+def test_batched_gradients_of_soft_targets_say_they_are_not_supported():
+    x, w, _, _, _ = make(4, 3, 5)
+    probs = torch.softmax(torch.randn(4, 5, dtype=x.dtype), 1)
+    xx = x.clone().requires_grad_()
+    out = crossent.linear_cross_entropy(xx, w, probs)
+    with pytest.raises(NotImplementedError, match="batched gradients"):
+        torch.autograd.grad(out, xx, torch.ones(2, dtype=x.dtype), is_grads_batched=True)
 
 
 def test_grad_output_scaling_and_retain_graph():

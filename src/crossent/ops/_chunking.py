@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from crossent.ops import _stats
+from crossent.ops.eager import is_batched
 
 __all__ = ["ChunkedLoss", "Problem", "Rows", "apply", "on_host", "select_rows"]
 
@@ -92,6 +93,7 @@ class Problem(Protocol):
     acc: torch.dtype  # the accumulation dtype
     differentiable: tuple[bool, ...]  # per input of ``run``: whether it can get a gradient
     double_backward_message: str
+    batched_message: str  # raised for a batched grad_output where no batched_backward exists
 
     def run(
         self,
@@ -136,6 +138,12 @@ class ChunkedLoss(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         if torch.is_grad_enabled():
             raise RuntimeError(ctx.problem.double_backward_message)
+        if is_batched(grad_output):
+            # vmap over the backward: the in-place chunk sweep cannot take a batched scale.
+            batched_backward = getattr(ctx.problem, "batched_backward", None)
+            if batched_backward is None:
+                raise NotImplementedError(ctx.problem.batched_message)
+            return (None, *batched_backward(ctx.saved_tensors, grad_output, ctx.needs))
         grads = ctx.grads
         if grads is not None:
             # First backward of 'mean'/'sum': hand over the gradients the forward computed.
@@ -152,13 +160,16 @@ class ChunkedLoss(torch.autograd.Function):
 
 
 def _scale_grad_(grad: Tensor | None, grad_output: Tensor) -> Tensor | None:
-    """``grad * grad_output`` in place (the tensor is ours); skipped when grad_output is 1.
+    """``grad * grad_output`` in place (the tensor is ours); skipped when grad_output is 1;
+    out of place when ``grad_output`` carries a vmap batch dimension.
 
     Reading ``grad_output`` is free on the host; on an accelerator it would synchronise, so
     there the multiplication always runs.
     """
     if grad is None:
         return None
+    if is_batched(grad_output):  # vmap over the backward (batched gradients): out of place
+        return grad * grad_output.to(grad.dtype)
     if on_host(grad_output) and float(grad_output) == 1.0:
         return grad
     return grad.mul_(grad_output.to(grad.dtype))

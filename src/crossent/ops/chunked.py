@@ -292,6 +292,50 @@ class _LinearProblem:
             None,
         )
 
+    def batched_backward(self, inputs, grad_output, needs):
+        """The gradients for a ``grad_output`` with a vmap batch dimension (batched gradients,
+        ``torch.func.jacrev``-style transforms over the backward): recomputed with out-of-place
+        torch ops that vmap can batch, holding the (N, V) logits, on the same conventions."""
+        x, linear_weight, linear_bias, target, class_weight = inputs
+        cfg, acc = self.cfg, self.acc
+        leaves = [
+            t.detach().requires_grad_() if need else t
+            for t, need in zip((x, linear_weight, linear_bias), needs[:3], strict=True)
+        ]
+        with torch.enable_grad():
+            xx, ww, bb = leaves
+            keep = target != cfg.ignore_index
+            safe = torch.where(keep, target, 0)
+            # Ignored rows are zeroed before the matmuls: whatever they hold adds nothing.
+            xx = torch.where(keep.unsqueeze(1), xx.to(acc), 0.0)
+            logits = torch.nn.functional.linear(xx, ww.to(acc), None if bb is None else bb.to(acc))
+            if cfg.softcap is not None:
+                logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
+            log_p = torch.log_softmax(logits, 1)
+            nll = -log_p.gather(1, safe.unsqueeze(1)).squeeze(1)
+            smooth_nll = None
+            if cfg.label_smoothing > 0:
+                w_vec = None if class_weight is None else class_weight.to(acc)
+                smooth_nll = -(log_p.sum(1) if w_vec is None else log_p @ w_vec)
+            w_t = _stats.target_weight(class_weight, safe)
+            w_t = None if w_t is None else w_t.to(acc)
+            options = dict(
+                n_classes=linear_weight.shape[0], label_smoothing=cfg.label_smoothing,
+                z_loss=cfg.z_loss,
+            )  # fmt: skip
+            main, extra = _stats.row_loss(
+                nll, smooth_nll, torch.logsumexp(logits, 1), w_t, keep, **options
+            )
+            denom = None
+            if cfg.reduction == "mean":
+                denom = _stats.mean_denominator(
+                    keep, w_t, n_rows=x.shape[0], dtype=acc, device=x.device
+                )
+            loss = _stats.reduce_loss(main, extra, cfg.reduction, denom)
+            wanted = [t for t, need in zip(leaves, needs[:3], strict=True) if need]
+            got = iter(torch.autograd.grad(loss, wanted, grad_output.to(acc)))
+        return tuple(next(got) if need else None for need in needs[:3]) + (None, None)
+
 
 def linear_cross_entropy_chunked(
     x: Tensor,

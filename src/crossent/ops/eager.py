@@ -175,7 +175,7 @@ def blocked_cross_entropy_pays(logits: Tensor) -> bool:
     return torch.autograd.forward_ad.unpack_dual(logits).tangent is None
 
 
-def _is_batched(t: Tensor) -> bool:
+def is_batched(t: Tensor) -> bool:
     """Whether ``t`` carries a vmap batch dimension: ``autograd.grad(..., is_grads_batched=True)``
     and gradcheck's batched-gradient check vmap over the backward with the legacy batching,
     ``torch.func`` with the functorch one."""
@@ -270,7 +270,7 @@ class CrossEntropyIndex(torch.autograd.Function):
 
         # create_graph, or vmap over this backward (batched gradients: grad_output carries a
         # batch dimension that the unbatched buffers below could not hold): out of place.
-        if torch.is_grad_enabled() or _is_batched(grad_output):
+        if torch.is_grad_enabled() or is_batched(grad_output):
             grad = torch.softmax(logits, 1) * p_coef
             grad = grad.scatter_add(1, index, t_coef)
             if eps > 0.0:

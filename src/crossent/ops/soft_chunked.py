@@ -149,6 +149,12 @@ class _SoftProblem:
         "that the N×V logits are never stored. Use the eager composition on "
         "F.linear(...) logits where higher-order gradients are needed."
     )
+    batched_message = (
+        "crossent's linear soft-target losses (linear_distillation_loss, "
+        "linear_cross_entropy with probability targets) do not support batched gradients "
+        "(vmap over the backward: autograd.grad(..., is_grads_batched=True), "
+        "torch.func.jacrev): use the eager composition on F.linear(...) logits there."
+    )
 
     def rows(self, x: Tensor) -> Rows:
         raise NotImplementedError
