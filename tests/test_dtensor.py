@@ -10,15 +10,10 @@ parent waits at most 60 s per batch, so a hang fails the test instead of blockin
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing as mp
-import os
-import queue
-import tempfile
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _dist_helpers import RankPool
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -270,40 +265,30 @@ def _run_fsdp(rank: int, mesh, case: dict) -> dict:
 _RUNNERS = {"loss": _run_loss, "linear": _run_linear, "fsdp": _run_fsdp}
 
 
-def _rank_main(rank: int, store: str, inbox, outbox) -> None:
+_MESH = []  # this rank's 1-D device mesh, made on its first batch
+
+
+def _run_batch(rank: int, world: int, batch: dict) -> list[tuple[str, object]]:
+    """One batch of cases on this rank: per case ``("ok", result)`` or ``("error", text)``."""
     import warnings
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import loss_parallel
 
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
-    mesh = init_device_mesh("cpu", (WORLD,))
-    try:
-        while (cases := inbox.get()) is not None:
-            results = []
-            for case in cases:
-                try:
-                    results.append(("ok", _RUNNERS[case["kind"]](rank, mesh, case)))
-                except Exception as exc:  # noqa: BLE001 - the parent reports it
-                    results.append(("error", f"{type(exc).__name__}: {exc}"))
-                # torch's loss_parallel() leaves its loss handlers installed when its body
-                # raises; a clean pass through the context removes them.
-                with loss_parallel():
-                    pass
-            outbox.put((rank, results))
-    finally:
-        torch.distributed.destroy_process_group()
-        outbox.close()
-        outbox.join_thread()  # the answers are out: skip the interpreter's slow teardown
-        os._exit(0)
+    if not _MESH:
+        warnings.filterwarnings("ignore")
+        _MESH.append(init_device_mesh("cpu", (world,)))
+    results = []
+    for case in batch["cases"]:
+        try:
+            results.append(("ok", _RUNNERS[case["kind"]](rank, _MESH[0], case)))
+        except Exception as exc:  # noqa: BLE001 - the parent reports it
+            results.append(("error", f"{type(exc).__name__}: {exc}"))
+        # torch's loss_parallel() leaves its loss handlers installed when its body
+        # raises; a clean pass through the context removes them.
+        with loss_parallel():
+            pass
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,39 +296,17 @@ def _rank_main(rank: int, store: str, inbox, outbox) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class RankPool:
-    """``WORLD`` spawned processes in one gloo group, running lists of cases on request."""
+class _Batches:
+    """The module's rank pool, sending lists of cases: per case, the per-rank results."""
 
     def __init__(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="crossent-dtensor-")
-        ctx = mp.get_context("spawn")
-        self._inboxes = [ctx.Queue() for _ in range(WORLD)]
-        self._outbox = ctx.Queue()
-        store = os.path.join(self._tmp.name, "store")
-        self._procs = [
-            ctx.Process(
-                target=_rank_main, args=(r, store, self._inboxes[r], self._outbox), daemon=True
-            )
-            for r in range(WORLD)
-        ]
-        for proc in self._procs:
-            proc.start()
-        self.broken = False
+        self.ranks = RankPool(
+            WORLD, _run_batch,
+            collective_timeout_s=COLLECTIVE_TIMEOUT_S, case_timeout_s=BATCH_TIMEOUT_S,
+        )  # fmt: skip
 
     def run(self, cases: list[dict]) -> list[list[dict]]:
-        """Per case, the per-rank results in rank order."""
-        if self.broken:
-            pytest.fail("the rank pool is broken by an earlier timeout")
-        for inbox in self._inboxes:
-            inbox.put(cases)
-        answers: dict[int, list] = {}
-        while len(answers) < WORLD:
-            try:
-                rank, results = self._outbox.get(timeout=BATCH_TIMEOUT_S)
-            except queue.Empty:
-                self.broken = True
-                pytest.fail(f"no answer within {BATCH_TIMEOUT_S} s: {cases}")
-            answers[rank] = results
+        answers = self.ranks.run({"cases": cases})
         out = []
         for i, case in enumerate(cases):
             per_rank = []
@@ -355,21 +318,12 @@ class RankPool:
             out.append(per_rank)
         return out
 
-    def close(self) -> None:
-        for inbox in self._inboxes:
-            inbox.put(None)
-        for proc in self._procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.terminate()
-        self._tmp.cleanup()
-
 
 @pytest.fixture(scope="module")
 def pool():
-    made = RankPool()
+    made = _Batches()
     yield made
-    made.close()
+    made.ranks.close()
 
 
 def _close(actual, expected, what: str, case: dict) -> None:
